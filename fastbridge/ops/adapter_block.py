@@ -1,0 +1,218 @@
+"""fastbridge.ops.adapter_block: y = residual + s · up(act(down(LN?(x)))), fused (API.md).
+
+Two torch.library custom ops carry the work, so dispatch modes, profilers and torch.compile see them
+by name and FakeTensors get shapes without running a kernel:
+  fastbridge::adapter_block      (x2d, …, scale: float, s: Tensor?, residual2d?, backend) -> (y, z, mean, rstd)
+  fastbridge::adapter_block_bwd  the backward, differentiable-free
+``s`` is the 0-d tensor part of the multiplier (a tensor scale times tanh(gate)), built here with
+ordinary autograd ops, so the op only returns Σ dy·u as its gradient.
+The "reference" backend runs fastbridge.reference.adapter_block and, in backward, recomputes it
+under autograd (saving only the inputs).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from .. import reference as ref
+from . import _validate as V
+
+OP = "adapter_block"
+
+
+def _kernel_unavailable(x: Tensor, d: int, r: int) -> Optional[str]:
+    reason = _backend.triton_unavailable_reason(x.device)
+    if reason is None and x.dtype == torch.float64:
+        reason = "the Triton kernel computes in fp32/fp16/bf16, not float64"
+    if reason is None and r > 256:
+        reason = f"the fused kernel supports a bottleneck r <= 256, got r={r}"
+    return reason
+
+
+# ---------------------------------------------------------------------------------------- forward op
+@torch.library.custom_op("fastbridge::adapter_block", mutates_args=())
+def _adapter_block_op(
+    x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
+    ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float, activation: str, scale: float,
+    s: Optional[Tensor], residual: Optional[Tensor], backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if backend == "kernel":
+        from ..kernels.adapter_block import adapter_forward
+
+        return adapter_forward(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, s,
+                               residual)
+    mult = scale if s is None else scale * s
+    y = ref.adapter_block(x, w_down, b_down, w_up, b_up, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps,
+                          activation=activation, scale=mult, residual=residual)
+    empty = x.new_empty(0)
+    return y, empty, empty.float(), empty.float()
+
+
+@_adapter_block_op.register_fake
+def _(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, s, residual, backend):
+    n, r = x.shape[0], w_down.shape[0]
+    if backend != "kernel":
+        e = x.new_empty(0)
+        return torch.empty_like(x), e, e.float(), e.float()
+    n_stats = n if ln_weight is not None else 0
+    return (torch.empty_like(x), x.new_empty((n, r)), x.new_empty((n_stats,), dtype=torch.float32),
+            x.new_empty((n_stats,), dtype=torch.float32))
+
+
+# --------------------------------------------------------------------------------------- backward op
+@torch.library.custom_op("fastbridge::adapter_block_bwd", mutates_args=())
+def _adapter_block_bwd_op(
+    dy: Tensor, x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
+    ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float, activation: str, scale: float,
+    s: Optional[Tensor], z: Tensor, mean: Tensor, rstd: Tensor, has_residual: bool, backend: str,
+) -> list[Tensor]:
+    """Returns [dx, dw_down, db_down, dw_up, db_up, dln_w, dln_b, ds]; absent inputs get 0-size grads."""
+    if backend == "kernel":
+        from ..kernels.adapter_block import adapter_backward
+
+        grads = adapter_backward(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, scale, s, z, mean,
+                                 rstd, has_residual)
+        grads = list(grads)
+        grads[-1] = grads[-1] * scale  # d/ds of (scale·s)·Σ dy·u
+    else:
+        grads = _reference_backward(dy, x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale,
+                                    s, has_residual)
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+def _reference_backward(dy, x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, s,
+                        has_residual):
+    inputs = [x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, s]
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
+        xl, wd, bd, wu, bu, lw, lb, sl = leaves
+        mult = scale if sl is None else scale * sl
+        # The branch alone (residual 0); the residual's gradient is dy itself.
+        y = ref.adapter_block(xl, wd, bd, wu, bu, ln_weight=lw, ln_bias=lb, eps=eps, activation=activation,
+                              scale=mult, residual=torch.zeros_like(xl))
+        present = [t for t in leaves if t is not None]
+        got = iter(torch.autograd.grad(y, present, dy, allow_unused=True))
+        grads = [None if t is None else next(got) for t in leaves]
+    grads = [None if (g is None and t is None) else (torch.zeros_like(t) if g is None else g)
+             for g, t in zip(grads, leaves)]
+    if not has_residual:
+        grads[0] = grads[0] + dy
+    return grads
+
+
+@_adapter_block_bwd_op.register_fake
+def _(dy, x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, s, z, mean, rstd,
+      has_residual, backend):
+    def like(t):
+        return x.new_empty(0) if t is None else torch.empty_like(t)
+
+    ds = x.new_empty((), dtype=torch.float32) if backend == "kernel" else like(s)
+    return [torch.empty_like(x), like(w_down), like(b_down), like(w_up), like(b_up), like(ln_weight),
+            like(ln_bias), ds if s is not None else x.new_empty(0)]
+
+
+# --------------------------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, s, residual, backend = inputs
+    _, z, mean, rstd = output
+    ctx.save_for_backward(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, s, z, mean, rstd)
+    ctx.cfg = (eps, activation, scale, residual is not None, backend)
+    ctx.mark_non_differentiable(z, mean, rstd)
+
+
+def _backward(ctx, dy, _dz, _dmean, _drstd):
+    x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, s, z, mean, rstd = ctx.saved_tensors
+    eps, activation, scale, has_residual, backend = ctx.cfg
+    g = _adapter_block_bwd_op(dy.contiguous(), x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps,
+                              activation, scale, s, z, mean, rstd, has_residual, backend)
+    dx, dwd, dbd, dwu, dbu, dlw, dlb, ds = g
+
+    def opt(grad, t):
+        return grad.to(t.dtype).reshape(t.shape) if t is not None else None
+
+    dres = dy if has_residual else None
+    return (dx, dwd, opt(dbd, b_down), dwu, opt(dbu, b_up), opt(dlw, ln_weight), opt(dlb, ln_bias), None, None,
+            None, opt(ds, s), dres, None)
+
+
+_adapter_block_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------ public API
+def _validate(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, gate, residual):
+    V.tensor(OP, "x", x, min_ndim=1)
+    d = x.shape[-1]
+    V.tensor(OP, "w_down", w_down, ndim=2)
+    r = w_down.shape[0]
+    V.shape(OP, "w_down", w_down, (r, d), f"(r, d) = (r, {d}) (nn.Linear(d, r).weight)")
+    V.tensor(OP, "w_up", w_up)
+    V.shape(OP, "w_up", w_up, (d, r), f"(d, r) = ({d}, {r}) (nn.Linear(r, d).weight)")
+    if b_down is not None:
+        V.tensor(OP, "b_down", b_down)
+        V.shape(OP, "b_down", b_down, (r,), f"(r,) = ({r},)")
+    if b_up is not None:
+        V.tensor(OP, "b_up", b_up)
+        V.shape(OP, "b_up", b_up, (d,), f"(d,) = ({d},)")
+    if ln_bias is not None and ln_weight is None:
+        V.fail(OP, "ln_bias", "None when ln_weight is None (LayerNorm is enabled by ln_weight)", "a tensor")
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if t is not None:
+            V.tensor(OP, name, t)
+            V.shape(OP, name, t, (d,), f"(d,) = ({d},)")
+    if residual is not None:
+        V.tensor(OP, "residual", residual)
+        if residual.shape != x.shape:
+            V.fail(OP, "residual", f"of x's shape {tuple(x.shape)}", f"shape {tuple(residual.shape)}")
+    V.same_device_dtype(OP, "x", x, {"w_down": w_down, "b_down": b_down, "w_up": w_up, "b_up": b_up,
+                                     "residual": residual})
+    V.same_device_dtype(OP, "x", x, {"ln_weight": ln_weight, "ln_bias": ln_bias}, dtype=False)
+    V.choice(OP, "activation", activation, ref.ACTIVATIONS)
+    if not isinstance(eps, (int, float)) or eps <= 0:
+        V.fail(OP, "eps", "a positive float", repr(eps))
+    if isinstance(scale, Tensor):
+        V.tensor(OP, "scale", scale)
+        V.scalar_param(OP, "scale", scale, allowed=((),))
+        V.same_device_dtype(OP, "x", x, {"scale": scale}, dtype=False)
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        V.fail(OP, "scale", "a float or a 0-d tensor", type(scale).__name__)
+    if gate is not None:
+        V.tensor(OP, "gate", gate)
+        V.scalar_param(OP, "gate", gate)
+        V.same_device_dtype(OP, "x", x, {"gate": gate}, dtype=False)
+    return d, r
+
+
+def adapter_block(x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor], *,
+                  ln_weight: Optional[Tensor] = None, ln_bias: Optional[Tensor] = None, eps: float = 1e-5,
+                  activation: str = "gelu", scale: float | Tensor = 1.0, gate: Optional[Tensor] = None,
+                  residual: Optional[Tensor] = None) -> Tensor:
+    """Fused bottleneck adapter residual block (API.md).
+
+    x (..., d); w_down (r, d); b_down (r,) or None; w_up (d, r); b_up (d,) or None (nn.Linear layout).
+    h = LayerNorm(x; ln_weight, ln_bias, eps) if ln_weight is not None else x;
+    y = residual + s · up(act(down(h))), residual defaults to x, s = scale (float or 0-d tensor) times
+    tanh(gate) when gate (shape () or (1,)) is given. Differentiable in every tensor argument.
+    """
+    d, r = _validate(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, gate, residual)
+    backend = _backend.select(OP, x.device, _kernel_unavailable(x, d, r))
+
+    # The tensor part of the multiplier, through ordinary autograd (its grad comes back as Σ dy·u).
+    s = None
+    float_scale = 1.0
+    if isinstance(scale, Tensor):
+        s = scale.float().reshape(())
+    else:
+        float_scale = float(scale)
+    if gate is not None:
+        t = torch.tanh(gate.float()).reshape(())
+        s = t if s is None else s * t
+
+    lead = x.shape[:-1]
+    x2 = V.as_rows(x, d)
+    res2 = V.as_rows(residual, d) if residual is not None else None
+    y, _, _, _ = _adapter_block_op(x2, w_down, b_down, w_up, b_up, ln_weight, ln_bias, float(eps), activation,
+                                   float_scale, s, res2, backend)
+    return y.reshape(*lead, d)

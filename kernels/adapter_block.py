@@ -1,0 +1,427 @@
+"""Fused bottleneck adapter residual block: y = res + s * up(act(down(LN?(x)))).
+
+Triton kernels and their launchers only (tensors in, tensors out; no autograd here -- see
+fastbridge/ops/adapter_block.py). Rows are the flattened leading dims, N x d; r is the bottleneck.
+
+Forward, one kernel, one program per tile of BLOCK_M rows, passes over d in BLOCK_D chunks:
+  A (LN only) row mean / variance, chunk statistics merged with Chan's formula (one read of x);
+  B z = LN(x) @ W_downᵀ + b_down, fp32 accumulation (tensor cores for fp16/bf16);
+  C y = res + s * (act(z) @ W_upᵀ + b_up).
+Saved for backward: z (N x r, x's dtype) and mean / rstd (N, fp32) -- O(N·r), never O(N·d).
+
+Backward, two kernels:
+  rows    per row tile: g = dy @ W_up, dz = s·g·act'(z), Σ_j a·g (for ds); then dh = dz @ W_down
+          recomputed per chunk, LayerNorm backward, dx (+ dy when the residual is x).
+  weights per (d tile, N split): dW_up = s·dyᵀa, dW_down = dzᵀh (h recomputed from x), db_up,
+          dγ, dβ, db_down, into fp32 partial buffers summed once (deterministic, no atomics).
+ds = Σ dy·u = Σ_n a·g + colsum(dy)·b_up, so u is never materialised (and stays right when s = 0,
+e.g. a zero-initialised tanh gate).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dot_precision, empty, pow2_at_least, sm_count
+
+ACT_IDS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
+
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    if ACT == 0:  # gelu (erf)
+        return 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+    elif ACT == 1:  # gelu (tanh approximation)
+        return 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
+    elif ACT == 2:  # relu
+        return tl.maximum(z, 0.0)
+    else:  # silu
+        return z * tl.sigmoid(z)
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    if ACT == 0:
+        return 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    elif ACT == 1:
+        t = _tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 0.134145 * z * z)
+    elif ACT == 2:
+        return tl.where(z > 0.0, 1.0, 0.0)
+    else:
+        sg = tl.sigmoid(z)
+        return sg * (1.0 + z * (1.0 - sg))
+
+
+@triton.jit
+def _scale_value(scale, S, HAS_S: tl.constexpr):
+    s = scale
+    if HAS_S:
+        s = s * tl.load(S).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _layer_norm_chunk(x, mean, rstd, LNW, LNB, offs_d, mask_d, HAS_LNB: tl.constexpr):
+    """h = (x - mean) * rstd * w + b for one (BLOCK_M, BLOCK_D) chunk; also returns x̂ and w."""
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    w = tl.load(LNW + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    h = xhat * w[None, :]
+    if HAS_LNB:
+        h += tl.load(LNB + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    return h, xhat, w
+
+
+@triton.jit
+def _adapter_fwd_kernel(
+    X, RES, Y, WD, BD, WU, BU, LNW, LNB, Z, MEAN, RSTD, S,
+    scale, eps, N, D, R, stride_xm, stride_rm, stride_ym,
+    ACT: tl.constexpr, HAS_LN: tl.constexpr, HAS_LNB: tl.constexpr, HAS_BD: tl.constexpr,
+    HAS_BU: tl.constexpr, HAS_RES: tl.constexpr, HAS_S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    rows_x = X + offs_m.to(tl.int64)[:, None] * stride_xm
+    dtype = X.dtype.element_ty
+
+    # Pass A: LayerNorm statistics (Chan's parallel merge of per-chunk mean / M2).
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_LN:
+        m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            x = tl.load(rows_x + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            cnt = tl.minimum(D - d0, BLOCK_D) * 1.0
+            c_mean = tl.sum(x, axis=1) / cnt
+            c_dev = tl.where(mask_d[None, :], x - c_mean[:, None], 0.0)
+            c_m2 = tl.sum(c_dev * c_dev, axis=1)
+            n_old = d0 * 1.0
+            n_new = n_old + cnt
+            delta = c_mean - mean
+            mean += delta * (cnt / n_new)
+            m2 += c_m2 + delta * delta * (n_old * cnt / n_new)
+        rstd = 1.0 / tl.sqrt(m2 / D + eps)
+        tl.store(MEAN + offs_m, mean, mask=mask_m)
+        tl.store(RSTD + offs_m, rstd, mask=mask_m)
+
+    # Pass B: z = h @ W_downᵀ (+ b_down).   W_down is (R, D) row-major.
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        x = tl.load(rows_x + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        if HAS_LN:
+            h, _xhat, _w = _layer_norm_chunk(x.to(tl.float32), mean, rstd, LNW, LNB, offs_d, mask_d, HAS_LNB)
+            h = h.to(dtype)
+        else:
+            h = x
+        wd_t = tl.load(WD + offs_r[None, :] * D + offs_d[:, None], mask=mask_d[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.dot(h, wd_t, acc, input_precision=DOT_PREC)
+    if HAS_BD:
+        acc += tl.load(BD + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+    zmask = mask_m[:, None] & mask_r[None, :]
+    tl.store(Z + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :], acc.to(Z.dtype.element_ty), mask=zmask)
+    a = tl.where(mask_r[None, :], _act(acc, ACT), 0.0).to(dtype)
+
+    # Pass C: y = res + s * (a @ W_upᵀ + b_up).   W_up is (D, R) row-major.
+    s = _scale_value(scale, S, HAS_S)
+    rows_y = Y + offs_m.to(tl.int64)[:, None] * stride_ym
+    rows_res = RES + offs_m.to(tl.int64)[:, None] * stride_rm
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        mask = mask_m[:, None] & mask_d[None, :]
+        wu_t = tl.load(WU + offs_d[None, :] * R + offs_r[:, None], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+        u = tl.dot(a, wu_t, input_precision=DOT_PREC)
+        if HAS_BU:
+            u += tl.load(BU + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        if HAS_RES:
+            res = tl.load(rows_res + offs_d[None, :], mask=mask, other=0.0)
+        else:
+            res = tl.load(rows_x + offs_d[None, :], mask=mask, other=0.0)
+        y = res.to(tl.float32) + s * u
+        tl.store(rows_y + offs_d[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _adapter_bwd_rows_kernel(
+    DY, X, DX, WD, WU, LNW, Z, MEAN, RSTD, S, DZ, AG,
+    scale, N, D, R, stride_dym, stride_xm, stride_dxm,
+    ACT: tl.constexpr, HAS_LN: tl.constexpr, HAS_RES: tl.constexpr, HAS_S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    offs_m64 = offs_m.to(tl.int64)
+    rows_dy = DY + offs_m64[:, None] * stride_dym
+    rows_x = X + offs_m64[:, None] * stride_xm
+    rows_dx = DX + offs_m64[:, None] * stride_dxm
+    dtype = X.dtype.element_ty
+
+    # g = dy @ W_up   (W_up is (D, R)).
+    g = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        dy = tl.load(rows_dy + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        wu = tl.load(WU + offs_d[:, None] * R + offs_r[None, :], mask=mask_d[:, None] & mask_r[None, :], other=0.0)
+        g = tl.dot(dy.to(dtype), wu, g, input_precision=DOT_PREC)
+
+    zmask = mask_m[:, None] & mask_r[None, :]
+    z = tl.load(Z + offs_m64[:, None] * R + offs_r[None, :], mask=zmask, other=0.0).to(tl.float32)
+    a = tl.where(zmask, _act(z, ACT), 0.0)
+    tl.store(AG + offs_m, tl.sum(a * g, axis=1), mask=mask_m)
+    s = _scale_value(scale, S, HAS_S)
+    dz = tl.where(zmask, s * g * _act_grad(z, ACT), 0.0)
+    tl.store(DZ + offs_m64[:, None] * R + offs_r[None, :], dz.to(DZ.dtype.element_ty), mask=zmask)
+    dz = dz.to(dtype)
+
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    c2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_LN:
+        mean = tl.load(MEAN + offs_m, mask=mask_m, other=0.0)
+        rstd = tl.load(RSTD + offs_m, mask=mask_m, other=0.0)
+        # Row sums of dx̂ and dx̂·x̂ for the LayerNorm backward.
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            wd = tl.load(WD + offs_r[:, None] * D + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+            dh = tl.dot(dz, wd, input_precision=DOT_PREC)
+            x = tl.load(rows_x + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            xhat = (x - mean[:, None]) * rstd[:, None]
+            w = tl.load(LNW + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            dxhat = dh * w[None, :]
+            c1 += tl.sum(dxhat, axis=1)
+            c2 += tl.sum(tl.where(mask_d[None, :], dxhat * xhat, 0.0), axis=1)
+        c1 = c1 / D
+        c2 = c2 / D
+
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        mask = mask_m[:, None] & mask_d[None, :]
+        wd = tl.load(WD + offs_r[:, None] * D + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+        dx = tl.dot(dz, wd, input_precision=DOT_PREC)
+        if HAS_LN:
+            x = tl.load(rows_x + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+            xhat = (x - mean[:, None]) * rstd[:, None]
+            w = tl.load(LNW + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            dx = (dx * w[None, :] - (c1[:, None] + xhat * c2[:, None])) * rstd[:, None]
+        if not HAS_RES:  # the residual is x itself
+            dx += tl.load(rows_dy + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(rows_dx + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _adapter_bwd_weights_kernel(
+    DY, X, Z, DZ, WD, LNW, LNB, MEAN, RSTD,
+    DWU, DWD, DBU, DBD, DLNW, DLNB,
+    N, D, R, stride_dym, stride_xm, rows_per_split,
+    ACT: tl.constexpr, HAS_LN: tl.constexpr, HAS_LNB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    dtype = X.dtype.element_ty
+
+    acc_wu = tl.zeros([BLOCK_D, BLOCK_R], dtype=tl.float32)  # dW_up tile / s  (D, R)
+    acc_wd = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)  # dW_down tile   (R, D)
+    acc_bu = tl.zeros([BLOCK_D], dtype=tl.float32)            # colsum(dy)
+    acc_bd = tl.zeros([BLOCK_R], dtype=tl.float32)            # colsum(dz)
+    acc_lw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_lb = tl.zeros([BLOCK_D], dtype=tl.float32)
+    lnw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    lnb = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_LN:
+        wd = tl.load(WD + offs_r[:, None] * D + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+        lnw = tl.load(LNW + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_LNB:
+            lnb = tl.load(LNB + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+    n_lo = pid_s * rows_per_split
+    n_hi = tl.minimum(n_lo + rows_per_split, N)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_hi
+        offs_n64 = offs_n.to(tl.int64)
+        mask = mask_n[:, None] & mask_d[None, :]
+        zmask = mask_n[:, None] & mask_r[None, :]
+        dy = tl.load(DY + offs_n64[:, None] * stride_dym + offs_d[None, :], mask=mask, other=0.0)
+        z = tl.load(Z + offs_n64[:, None] * R + offs_r[None, :], mask=zmask, other=0.0).to(tl.float32)
+        a = tl.where(zmask, _act(z, ACT), 0.0).to(dtype)
+        dz = tl.load(DZ + offs_n64[:, None] * R + offs_r[None, :], mask=zmask, other=0.0)
+        x = tl.load(X + offs_n64[:, None] * stride_xm + offs_d[None, :], mask=mask, other=0.0)
+        dy = dy.to(dtype)
+        acc_wu = tl.dot(tl.trans(dy), a, acc_wu, input_precision=DOT_PREC)
+        acc_bu += tl.sum(dy.to(tl.float32), axis=0)
+        if HAS_LN:
+            mean = tl.load(MEAN + offs_n, mask=mask_n, other=0.0)
+            rstd = tl.load(RSTD + offs_n, mask=mask_n, other=0.0)
+            xhat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
+            h = tl.where(mask, xhat * lnw[None, :] + lnb[None, :], 0.0).to(dtype)
+            dh = tl.dot(dz, wd, input_precision=DOT_PREC)
+            acc_lw += tl.sum(dh * xhat, axis=0)
+            acc_lb += tl.sum(dh, axis=0)
+        else:
+            h = x
+        acc_wd = tl.dot(tl.trans(dz), h, acc_wd, input_precision=DOT_PREC)
+        if pid_d == 0:
+            acc_bd += tl.sum(dz.to(tl.float32), axis=0)
+
+    base_dr = pid_s.to(tl.int64) * D * R
+    tl.store(DWU + base_dr + offs_d[:, None] * R + offs_r[None, :], acc_wu, mask=mask_d[:, None] & mask_r[None, :])
+    tl.store(DWD + base_dr + offs_r[:, None] * D + offs_d[None, :], acc_wd, mask=mask_r[:, None] & mask_d[None, :])
+    tl.store(DBU + pid_s * D + offs_d, acc_bu, mask=mask_d)
+    if HAS_LN:
+        tl.store(DLNW + pid_s * D + offs_d, acc_lw, mask=mask_d)
+        tl.store(DLNB + pid_s * D + offs_d, acc_lb, mask=mask_d)
+    if pid_d == 0:
+        tl.store(DBD + pid_s * R + offs_r, acc_bd, mask=mask_r)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch configuration. Registers per thread scale with BLOCK_M·BLOCK_R (accumulator) and
+# BLOCK_M·BLOCK_D (chunk); the tables keep both within budget for r <= 256 (checked for sm_90 with
+# cuobjdump: no spills -- see benchmarks/notes/adapter_block.md).
+# --------------------------------------------------------------------------------------------------
+def _row_config(block_r: int, d: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps) for the row-tile kernels."""
+    block_d = min(128 if block_r <= 64 else 64, pow2_at_least(d))
+    if block_r <= 64:
+        return 64, block_d, 4
+    if block_r <= 128:
+        return 32, block_d, 4
+    return 16, block_d, 8
+
+
+def _weights_config(block_r: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_D, num_warps) for the weight-gradient kernel."""
+    if block_r <= 64:
+        return 64, 64, 4
+    if block_r <= 128:
+        return 64, 32, 4
+    return 32, 32, 8
+
+
+def _contig(*ts):
+    return [t.contiguous() if t is not None else None for t in ts]
+
+
+def adapter_forward(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, s, residual):
+    """x, residual: (N, d) with unit last stride; returns (y, z, mean, rstd)."""
+    assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1)
+    w_down, w_up, b_down, b_up, ln_weight, ln_bias = _contig(w_down, w_up, b_down, b_up, ln_weight, ln_bias)
+    N, D = x.shape
+    R = w_down.shape[0]
+    dev = x.device
+    y = empty((N, D), x.dtype, dev)
+    z = empty((N, R), x.dtype, dev)
+    has_ln = ln_weight is not None
+    mean = empty((N if has_ln else 0,), torch.float32, dev)
+    rstd = empty((N if has_ln else 0,), torch.float32, dev)
+    if N == 0:
+        return y, z, mean, rstd
+    block_r = pow2_at_least(R)
+    block_m, block_d, warps = _row_config(block_r, D)
+    dummy = x
+    _adapter_fwd_kernel[(triton.cdiv(N, block_m),)](
+        x, residual if residual is not None else dummy, y, w_down,
+        b_down if b_down is not None else dummy, w_up, b_up if b_up is not None else dummy,
+        ln_weight if has_ln else dummy, ln_bias if ln_bias is not None else dummy,
+        z, mean if has_ln else dummy, rstd if has_ln else dummy, s if s is not None else dummy,
+        float(scale), float(eps), N, D, R, x.stride(0),
+        residual.stride(0) if residual is not None else 0, y.stride(0),
+        ACT=ACT_IDS[activation], HAS_LN=has_ln, HAS_LNB=ln_bias is not None, HAS_BD=b_down is not None,
+        HAS_BU=b_up is not None, HAS_RES=residual is not None, HAS_S=s is not None,
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PREC=dot_precision(x.dtype), num_warps=warps,
+    )
+    return y, z, mean, rstd
+
+
+def adapter_backward(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, scale, s, z, mean, rstd,
+                     has_residual):
+    """Returns dx, dw_down, db_down, dw_up, db_up, dln_w, dln_b, ds_sum (= Σ dy·u, fp32 0-d)."""
+    N, D = x.shape
+    R = w_down.shape[0]
+    dev = x.device
+    assert dy.shape == x.shape and dy.stride(-1) == 1 and x.stride(-1) == 1
+    w_down, w_up, ln_weight, ln_bias = _contig(w_down, w_up, ln_weight, ln_bias)
+    has_ln = ln_weight is not None
+    dummy = x
+    block_r = pow2_at_least(R)
+    prec = dot_precision(x.dtype)
+    act = ACT_IDS[activation]
+
+    dx = empty((N, D), x.dtype, dev)
+    dz = empty((N, R), x.dtype, dev)
+    ag = empty((N,), torch.float32, dev)
+    if N > 0:
+        block_m, block_d, warps = _row_config(block_r, D)
+        _adapter_bwd_rows_kernel[(triton.cdiv(N, block_m),)](
+            dy, x, dx, w_down, w_up, ln_weight if has_ln else dummy, z,
+            mean if has_ln else dummy, rstd if has_ln else dummy, s if s is not None else dummy, dz, ag,
+            float(scale), N, D, R, dy.stride(0), x.stride(0), dx.stride(0),
+            ACT=act, HAS_LN=has_ln, HAS_RES=has_residual, HAS_S=s is not None,
+            BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PREC=prec, num_warps=warps,
+        )
+
+    block_n, block_dw, warps_w = _weights_config(block_r)
+    n_dtiles = triton.cdiv(D, block_dw)
+    n_chunks = max(1, triton.cdiv(N, block_n))
+    splits = max(1, min(n_chunks, triton.cdiv(2 * sm_count(dev), n_dtiles)))
+    rows_per_split = triton.cdiv(n_chunks, splits) * block_n
+    splits = max(1, triton.cdiv(N, rows_per_split))
+    f32 = torch.float32
+    p_wu = empty((splits, D, R), f32, dev)
+    p_wd = empty((splits, R, D), f32, dev)
+    p_bu = empty((splits, D), f32, dev)
+    p_bd = empty((splits, R), f32, dev)
+    p_lw = empty((splits, D) if has_ln else (0,), f32, dev)
+    p_lb = empty((splits, D) if has_ln else (0,), f32, dev)
+    _adapter_bwd_weights_kernel[(n_dtiles, splits)](
+        dy, x, z, dz, w_down, ln_weight if has_ln else dummy, ln_bias if ln_bias is not None else dummy,
+        mean if has_ln else dummy, rstd if has_ln else dummy,
+        p_wu, p_wd, p_bu, p_bd, p_lw if has_ln else dummy, p_lb if has_ln else dummy,
+        N, D, R, dy.stride(0), x.stride(0), rows_per_split,
+        ACT=act, HAS_LN=has_ln, HAS_LNB=ln_bias is not None,
+        BLOCK_N=block_n, BLOCK_D=block_dw, BLOCK_R=block_r, DOT_PREC=prec, num_warps=warps_w,
+    )
+    s_eff = torch.full((), float(scale), dtype=f32, device=dev)
+    if s is not None:
+        s_eff = s_eff * s.to(f32)
+    colsum_dy = p_bu.sum(0)
+    dw_up = (p_wu.sum(0) * s_eff).to(w_up.dtype)
+    db_up = (colsum_dy * s_eff).to(x.dtype)
+    dw_down = p_wd.sum(0).to(w_down.dtype)
+    db_down = p_bd.sum(0).to(x.dtype)
+    dln_w = p_lw.sum(0).to(ln_weight.dtype) if has_ln else None
+    dln_b = p_lb.sum(0).to(ln_bias.dtype) if ln_bias is not None else None
+    ds_sum = ag.sum()
+    if b_up is not None:
+        ds_sum = ds_sum + (colsum_dy * b_up.to(f32)).sum()
+    return dx, dw_down, db_down, dw_up, db_up, dln_w, dln_b, ds_sum

@@ -1,0 +1,60 @@
+"""fastbridge setup.
+
+Default: a fast, pure-Python install (``pip install -e .``). The Triton kernels live in the top-level
+``kernels/`` folder of the repository and are installed as ``fastbridge.kernels`` -- never as a
+top-level ``kernels`` module, which would shadow Hugging Face's ``kernels`` package that transformers
+probes for.
+
+This file never imports torch, so the build needs no torch and pip never pulls one into an isolated
+build environment.
+"""
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+
+def _version() -> str:
+    text = (ROOT / "fastbridge" / "__init__.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
+
+
+packages = [
+    "fastbridge",
+    "fastbridge.ops",
+    "fastbridge.modules",
+    "fastbridge.integrations",
+    "fastbridge.kernels",
+]
+package_dir = {"fastbridge": "fastbridge", "fastbridge.kernels": "kernels"}
+
+extras = {
+    "test": [
+        "pytest>=8",
+        "pytest-benchmark>=4",
+        "transformers>=4.57",
+        "peft>=0.17",
+        "accelerate",
+        "safetensors",
+        "expecttest",
+        "matplotlib",
+    ],
+    "eval": ["pycocoevalcap", "datasets", "pillow", "matplotlib", "tqdm"],
+}
+extras["all"] = sorted(set(extras["test"]) | set(extras["eval"]))
+
+setup(
+    name="fastbridge",
+    version=_version(),
+    description="Fused kernels for parameter-efficient vision-language bridges",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir=package_dir,
+    install_requires=["torch>=2.5", "triton>=3.1", "numpy", "safetensors"],
+    extras_require=extras,
+    entry_points={"console_scripts": ["fastbridge=fastbridge.cli:main"]},
+)
