@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import os
 import warnings
 from typing import Iterator
@@ -41,8 +40,12 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
+@torch.compiler.assume_constant_result
 def current_backend() -> str:
-    """The backend name in force: use_backend() if active, else FASTBRIDGE_BACKEND, else "auto"."""
+    """The backend name in force: use_backend() if active, else FASTBRIDGE_BACKEND, else "auto".
+
+    Under torch.compile it is read once, at trace time, and fixed in the compiled graph.
+    """
     name = _override.get()
     if name is not None:
         return name
@@ -65,14 +68,19 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-@functools.lru_cache(maxsize=None)
+_triton_error: list[str | None] = []  # filled on first use (a plain global: torch.compile traces it)
+
+
 def triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the install
-        return f"triton cannot be imported ({type(e).__name__}: {e})"
-    return None
+    if not _triton_error:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _triton_error.append(None)
+        except Exception as e:  # pragma: no cover - depends on the install
+            _triton_error.append(f"triton cannot be imported ({type(e).__name__}: {e})")
+    return _triton_error[0]
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:

@@ -1,13 +1,12 @@
 """fastbridge.ops.adapter_block: y = residual + s · up(act(down(LN?(x)))), fused (API.md).
 
-Two torch.library custom ops carry the work, so dispatch modes, profilers and torch.compile see them
-by name and FakeTensors get shapes without running a kernel:
-  fastbridge::adapter_block      (x2d, …, scale: float, s: Tensor?, residual2d?, backend) -> (y, z, mean, rstd)
-  fastbridge::adapter_block_bwd  the backward, differentiable-free
+Two torch.library custom ops carry the fused kernels, so dispatch modes, profilers and torch.compile
+see them by name and FakeTensors get shapes without running a kernel:
+  fastbridge::adapter_block      (x2d, …, scale: float, s: Tensor?, residual2d?) -> (y, z, mean, rstd)
+  fastbridge::adapter_block_bwd  its backward
 ``s`` is the 0-d tensor part of the multiplier (a tensor scale times tanh(gate)), built here with
 ordinary autograd ops, so the op only returns Σ dy·u as its gradient.
-The "reference" backend runs fastbridge.reference.adapter_block and, in backward, recomputes it
-under autograd (saving only the inputs).
+The "reference" backend calls fastbridge.reference.adapter_block with ordinary autograd.
 """
 from __future__ import annotations
 
@@ -37,26 +36,16 @@ def _kernel_unavailable(x: Tensor, d: int, r: int) -> Optional[str]:
 def _adapter_block_op(
     x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
     ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float, activation: str, scale: float,
-    s: Optional[Tensor], residual: Optional[Tensor], backend: str,
+    s: Optional[Tensor], residual: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if backend == "kernel":
-        from ..kernels.adapter_block import adapter_forward
+    from ..kernels.adapter_block import adapter_forward
 
-        return adapter_forward(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, s,
-                               residual)
-    mult = scale if s is None else scale * s
-    y = ref.adapter_block(x, w_down, b_down, w_up, b_up, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps,
-                          activation=activation, scale=mult, residual=residual)
-    empty = x.new_empty(0)
-    return y, empty, empty.float(), empty.float()
+    return adapter_forward(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, s, residual)
 
 
 @_adapter_block_op.register_fake
-def _(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, s, residual, backend):
+def _(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, s, residual):
     n, r = x.shape[0], w_down.shape[0]
-    if backend != "kernel":
-        e = x.new_empty(0)
-        return torch.empty_like(x), e, e.float(), e.float()
     n_stats = n if ln_weight is not None else 0
     return (torch.empty_like(x), x.new_empty((n, r)), x.new_empty((n_stats,), dtype=torch.float32),
             x.new_empty((n_stats,), dtype=torch.float32))
@@ -65,77 +54,52 @@ def _(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale,
 # --------------------------------------------------------------------------------------- backward op
 @torch.library.custom_op("fastbridge::adapter_block_bwd", mutates_args=())
 def _adapter_block_bwd_op(
-    dy: Tensor, x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
-    ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float, activation: str, scale: float,
-    s: Optional[Tensor], z: Tensor, mean: Tensor, rstd: Tensor, has_residual: bool, backend: str,
+    dy: Tensor, x: Tensor, w_down: Tensor, w_up: Tensor, b_up: Optional[Tensor], ln_weight: Optional[Tensor],
+    ln_bias: Optional[Tensor], activation: str, scale: float, s: Optional[Tensor], z: Tensor, mean: Tensor,
+    rstd: Tensor, has_residual: bool,
 ) -> list[Tensor]:
-    """Returns [dx, dw_down, db_down, dw_up, db_up, dln_w, dln_b, ds]; absent inputs get 0-size grads."""
-    if backend == "kernel":
-        from ..kernels.adapter_block import adapter_backward
+    """[dx, dw_down, db_down, dw_up, db_up, dln_w, dln_b, ds]; grads of absent inputs are 0-size."""
+    from ..kernels.adapter_block import adapter_backward
 
-        grads = adapter_backward(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, scale, s, z, mean,
-                                 rstd, has_residual)
-        grads = list(grads)
-        grads[-1] = grads[-1] * scale  # d/ds of (scale·s)·Σ dy·u
-    else:
-        grads = _reference_backward(dy, x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale,
-                                    s, has_residual)
+    grads = list(adapter_backward(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, scale, s, z, mean,
+                                  rstd, has_residual))
+    grads[-1] = grads[-1] * scale  # d/ds of (scale·s)·Σ dy·u
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
-def _reference_backward(dy, x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, s,
-                        has_residual):
-    inputs = [x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, s]
-    with torch.enable_grad():
-        leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
-        xl, wd, bd, wu, bu, lw, lb, sl = leaves
-        mult = scale if sl is None else scale * sl
-        # The branch alone (residual 0); the residual's gradient is dy itself.
-        y = ref.adapter_block(xl, wd, bd, wu, bu, ln_weight=lw, ln_bias=lb, eps=eps, activation=activation,
-                              scale=mult, residual=torch.zeros_like(xl))
-        present = [t for t in leaves if t is not None]
-        got = iter(torch.autograd.grad(y, present, dy, allow_unused=True))
-        grads = [None if t is None else next(got) for t in leaves]
-    grads = [None if (g is None and t is None) else (torch.zeros_like(t) if g is None else g)
-             for g, t in zip(grads, leaves)]
-    if not has_residual:
-        grads[0] = grads[0] + dy
-    return grads
-
-
 @_adapter_block_bwd_op.register_fake
-def _(dy, x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, s, z, mean, rstd,
-      has_residual, backend):
+def _(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, scale, s, z, mean, rstd, has_residual):
+    r = w_down.shape[0]
+
     def like(t):
         return x.new_empty(0) if t is None else torch.empty_like(t)
 
-    ds = x.new_empty((), dtype=torch.float32) if backend == "kernel" else like(s)
-    return [torch.empty_like(x), like(w_down), like(b_down), like(w_up), like(b_up), like(ln_weight),
-            like(ln_bias), ds if s is not None else x.new_empty(0)]
+    return [torch.empty_like(x), torch.empty_like(w_down), x.new_empty((r,)), torch.empty_like(w_up),
+            x.new_empty(w_up.shape[:1]), like(ln_weight), like(ln_bias),
+            x.new_empty((), dtype=torch.float32)]
 
 
 # --------------------------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
-    x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, s, residual, backend = inputs
+    x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, s, residual = inputs
     _, z, mean, rstd = output
-    ctx.save_for_backward(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, s, z, mean, rstd)
-    ctx.cfg = (eps, activation, scale, residual is not None, backend)
+    ctx.save_for_backward(x, w_down, w_up, b_up, ln_weight, ln_bias, s, z, mean, rstd)
+    ctx.cfg = (activation, scale, residual is not None, b_down is not None)
     ctx.mark_non_differentiable(z, mean, rstd)
 
 
 def _backward(ctx, dy, _dz, _dmean, _drstd):
-    x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, s, z, mean, rstd = ctx.saved_tensors
-    eps, activation, scale, has_residual, backend = ctx.cfg
-    g = _adapter_block_bwd_op(dy.contiguous(), x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps,
-                              activation, scale, s, z, mean, rstd, has_residual, backend)
-    dx, dwd, dbd, dwu, dbu, dlw, dlb, ds = g
+    x, w_down, w_up, b_up, ln_weight, ln_bias, s, z, mean, rstd = ctx.saved_tensors
+    activation, scale, has_residual, has_b_down = ctx.cfg
+    dx, dwd, dbd, dwu, dbu, dlw, dlb, ds = _adapter_block_bwd_op(
+        dy.contiguous(), x, w_down, w_up, b_up, ln_weight, ln_bias, activation, scale, s, z, mean, rstd,
+        has_residual)
 
     def opt(grad, t):
         return grad.to(t.dtype).reshape(t.shape) if t is not None else None
 
-    dres = dy if has_residual else None
-    return (dx, dwd, opt(dbd, b_down), dwu, opt(dbu, b_up), opt(dlw, ln_weight), opt(dlb, ln_bias), None, None,
-            None, opt(ds, s), dres, None)
+    return (dx, dwd, dbd if has_b_down else None, dwu, dbu if b_up is not None else None, opt(dlw, ln_weight),
+            opt(dlb, ln_bias), None, None, None, opt(ds, s), dy if has_residual else None)
 
 
 _adapter_block_op.register_autograd(_backward, setup_context=_setup_context)
@@ -197,7 +161,9 @@ def adapter_block(x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Ten
     tanh(gate) when gate (shape () or (1,)) is given. Differentiable in every tensor argument.
     """
     d, r = _validate(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, gate, residual)
-    backend = _backend.select(OP, x.device, _kernel_unavailable(x, d, r))
+    if _backend.select(OP, x.device, _kernel_unavailable(x, d, r)) == "reference":
+        return ref.adapter_block(x, w_down, b_down, w_up, b_up, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps,
+                                 activation=activation, scale=scale, gate=gate, residual=residual)
 
     # The tensor part of the multiplier, through ordinary autograd (its grad comes back as Σ dy·u).
     s = None
@@ -214,5 +180,5 @@ def adapter_block(x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Ten
     x2 = V.as_rows(x, d)
     res2 = V.as_rows(residual, d) if residual is not None else None
     y, _, _, _ = _adapter_block_op(x2, w_down, b_down, w_up, b_up, ln_weight, ln_bias, float(eps), activation,
-                                   float_scale, s, res2, backend)
+                                   float_scale, s, res2)
     return y.reshape(*lead, d)

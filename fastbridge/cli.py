@@ -1,0 +1,68 @@
+"""fastbridge command line: ``fastbridge info | bench`` (also ``python -m fastbridge ...``)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+
+
+def _version(module: str) -> str:
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - reporting, not handling
+        return f"not importable ({type(e).__name__})"
+    return getattr(mod, "__version__", "unknown")
+
+
+def info_lines() -> list[str]:
+    import torch
+
+    import fastbridge
+    from fastbridge import _backend
+
+    lines = [
+        f"fastbridge   {fastbridge.__version__}  ({os.path.dirname(fastbridge.__file__)})",
+        f"python       {platform.python_version()}  ({platform.machine()}, {platform.system()})",
+        f"torch        {torch.__version__}  (built with CUDA {torch.version.cuda or 'none'})",
+        f"triton       {_version('triton')}",
+        f"transformers {_version('transformers')}",
+        f"peft         {_version('peft')}",
+        f"safetensors  {_version('safetensors')}",
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"device       cuda:{i} {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, "
+                         f"{p.multi_processor_count} SMs)")
+    else:
+        lines.append(f"device       cpu only ({os.cpu_count()} cores; no CUDA device visible to torch)")
+    lines.append(f"backend      {_backend.current_backend()} (FASTBRIDGE_BACKEND / fastbridge.use_backend)")
+    lines.append(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+    lines.append("can run here:")
+    for name, state in _backend.available_backends().items():
+        lines.append(f"  {name:28s} {state}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastbridge", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions, device, and which backends can run here")
+    bench = sub.add_parser("bench", help="run the benchmark suite (pytest benchmarks/ --benchmark-only), "
+                                         "then print the table and write plots")
+    bench.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments passed to pytest")
+    args = parser.parse_args(argv)
+    if args.cmd == "info":
+        print("\n".join(info_lines()))
+        return 0
+    if args.cmd == "bench":
+        from .bench import run_bench
+
+        return run_bench(args.pytest_args)
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

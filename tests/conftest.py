@@ -1,0 +1,60 @@
+"""Shared test configuration: devices, dtypes and the one table of tolerances.
+
+Kernels are compared with the float64 reference evaluated on the *same* (already rounded) inputs,
+so the error measured is the kernel's own. Error metric: max|actual - expected| / max|expected|.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Every kernel output is filled with NaN before the kernel writes it: an element a kernel forgets
+# to write fails the comparison instead of passing on stale memory.
+os.environ.setdefault("FASTBRIDGE_POISON", "1")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+# Relative (to max |expected|) tolerances, by dtype: fp32 accumulation everywhere; half types pay for
+# rounding the inputs of each matmul (h, act(z), dz) to the input dtype, as eager PyTorch does too.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, f"shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    assert torch.isfinite(a).all(), "non-finite values (poisoned output never written?)"
+    scale = e.abs().max().item() if e.numel() else 0.0
+    return (a - e).abs().max().item() / max(scale, 1e-12) if e.numel() else 0.0
+
+
+def assert_close(actual, expected, dtype, what: str) -> None:
+    err = rel_err(actual, expected)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > tolerance {TOL[dtype]:.0e} for {dtype}"
+
+
+def kernel_devices() -> list:
+    """Devices where the Triton kernels run: CPU under the interpreter, CUDA when present."""
+    devs = []
+    if INTERPRET:
+        devs.append("cpu")
+    if HAS_CUDA and not INTERPRET:
+        devs.append("cuda")
+    return devs
+
+
+def kernel_dtypes(device: str) -> list:
+    # The Triton 3.9 interpreter computes bf16 tl.dot wrongly: bf16 is tested on CUDA only.
+    return [torch.float32, torch.float16] if device == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
+
+
+def kernel_cases():
+    """(device, dtype) pairs for kernel tests; empty -> the tests are skipped with a reason."""
+    return [pytest.param(dev, dt, id=f"{dev}-{str(dt).split('.')[-1]}") for dev in kernel_devices()
+            for dt in kernel_dtypes(dev)]
+
+
+needs_kernels = pytest.mark.skipif(
+    not kernel_devices(), reason="Triton kernels need CUDA or TRITON_INTERPRET=1 (set before Python starts)")

@@ -1,0 +1,216 @@
+"""Package foundation: layout, backend selection, patch registry, checkpoints, CLI."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fastbridge
+from fastbridge import _backend
+from fastbridge.modules import BottleneckAdapter
+
+from conftest import INTERPRET, needs_kernels
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------- layout
+def test_kernels_live_in_the_fastbridge_namespace():
+    import fastbridge.kernels.adapter_block as k
+
+    assert Path(k.__file__).resolve().parent == (REPO / "kernels").resolve()
+    spec = importlib.util.find_spec("kernels")  # Hugging Face's package name: must never be ours
+    assert spec is None or not str(spec.origin or "").startswith(str(REPO)), spec
+
+
+def test_transformers_does_not_see_a_kernels_package_of_ours():
+    from transformers.utils import import_utils
+
+    ok, version = import_utils._is_package_available("kernels", return_version=True)
+    assert "kernels" not in sys.modules or not str(getattr(sys.modules["kernels"], "__file__", "")).startswith(
+        str(REPO))
+
+
+def test_one_reference_per_op():
+    from fastbridge import reference
+
+    for op in ("adapter_block", "gated_attention", "qformer_cross_attention"):
+        assert callable(getattr(reference, op))
+
+
+# ------------------------------------------------------------------------------------- backend selection
+def _adapter_args(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 16, generator=g, dtype=dtype)
+    return (x, torch.randn(4, 16, generator=g, dtype=dtype), None, torch.randn(16, 4, generator=g, dtype=dtype),
+            None)
+
+
+def test_backend_names_are_checked(monkeypatch):
+    with pytest.raises(ValueError, match=r"fastbridge.use_backend\(name\): expected one of"):
+        with fastbridge.use_backend("fast"):
+            pass
+    monkeypatch.setenv("FASTBRIDGE_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FASTBRIDGE_BACKEND: expected one of"):
+        fastbridge.ops.adapter_block(*_adapter_args())
+
+
+def test_use_backend_overrides_env_and_nests(monkeypatch):
+    monkeypatch.setenv("FASTBRIDGE_BACKEND", "reference")
+    assert fastbridge.current_backend() == "reference"
+    with fastbridge.use_backend("kernel"):
+        assert fastbridge.current_backend() == "kernel"
+        with fastbridge.use_backend("auto"):
+            assert fastbridge.current_backend() == "auto"
+        assert fastbridge.current_backend() == "kernel"
+    assert fastbridge.current_backend() == "reference"
+
+
+def test_forced_kernel_raises_where_it_cannot_run(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter
+    with fastbridge.use_backend("kernel"):
+        with pytest.raises(_backend.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+            fastbridge.ops.adapter_block(*_adapter_args())
+    with fastbridge.use_backend("kernel"), pytest.raises(_backend.BackendUnavailableError, match="float64"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        fastbridge.ops.adapter_block(*_adapter_args(torch.float64))
+
+
+def test_auto_falls_back_once_with_a_warning_and_same_result(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_backend, "_warned", set())
+    args = _adapter_args()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        y1 = fastbridge.ops.adapter_block(*args)
+        y2 = fastbridge.ops.adapter_block(*args)
+    fb = [x for x in w if issubclass(x.category, fastbridge.FastbridgeFallbackWarning)]
+    assert len(fb) == 1 and "only speed and memory differ" in str(fb[0].message)
+    torch.testing.assert_close(y1, fastbridge.reference.adapter_block(*args))
+    torch.testing.assert_close(y1, y2)
+
+
+# ----------------------------------------------------------------------------------------------- module
+def test_new_adapter_is_identity_and_presets():
+    x = torch.randn(2, 5, 32)
+    for preset in ("houlsby", "pfeiffer", "blip"):
+        m = BottleneckAdapter.from_preset(preset, 32, **({"r": 8} if preset == "blip" else {}))
+        with fastbridge.use_backend("reference"):
+            assert torch.equal(m(x), x)
+    assert BottleneckAdapter.houlsby(768).r == 48 and BottleneckAdapter.houlsby(768).activation == "silu"
+    assert BottleneckAdapter.pfeiffer(768).activation == "relu"
+    assert BottleneckAdapter.from_preset("blip", 768).r == 64
+    with pytest.raises(ValueError, match="'preset' must be one of"):
+        BottleneckAdapter.from_preset("lora", 32)
+    with pytest.raises(ValueError, match="'r' or a 'reduction_factor'"):
+        BottleneckAdapter(32)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("kernel", marks=needs_kernels)])
+def test_fused_module_equals_eager_module(backend):
+    if backend == "kernel" and not INTERPRET:
+        pytest.skip("CPU kernel test needs TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    m = BottleneckAdapter(24, 6, layer_norm=True, gate=True, learnable_scale=True, scale=0.7, activation="silu")
+    with torch.no_grad():
+        m.up.weight.normal_()
+        m.gate.fill_(0.3)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    with fastbridge.use_backend(backend):
+        y = m(x)
+    grads = torch.autograd.grad(y.square().sum(), [x, *m.parameters()])
+    fastbridge.unpatch(fastbridge.patch(m))  # -> eager composition
+    assert m.fused is False
+    y2 = m(x)
+    grads2 = torch.autograd.grad(y2.square().sum(), [x, *m.parameters()])
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, grads2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fp32_params_with_half_activations():
+    m = BottleneckAdapter(16, 4, gate=True)
+    x = torch.randn(5, 16, dtype=torch.float16)
+    with fastbridge.use_backend("reference"):
+        y = m(x)
+    assert y.dtype == torch.float16
+    y.float().sum().backward()
+    assert m.gate.grad is not None and m.gate.grad.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------------ patch
+def test_patch_is_idempotent_reports_and_unpatch_restores():
+    model = nn.Sequential(nn.Linear(8, 8), BottleneckAdapter(8, 4), nn.ReLU(), BottleneckAdapter(8, 2))
+    assert fastbridge.patch(model) is model
+    assert model.fastbridge_report.counts == {"fastbridge.BottleneckAdapter": 2}
+    assert "2 module(s) newly patched" in str(model.fastbridge_report)
+    fastbridge.patch(model)
+    assert len(model.fastbridge_report.patched) == 0 and len(model.fastbridge_report.already) == 2
+    fastbridge.unpatch(model)
+    assert not model[1].fused and not hasattr(model, "fastbridge_report")
+    fastbridge.patch(model)
+    assert model[1].fused and model[3].fused
+
+
+def test_patch_leaves_unsupported_modules_alone():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fastbridge.patch(model)
+    assert "nothing to patch" in str(model.fastbridge_report)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(TypeError, match="'model' must be a torch.nn.Module"):
+        fastbridge.patch("bert")
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def test_save_and_load_trainable_round_trip(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 8), BottleneckAdapter(8, 4, gate=True))
+    model[0].requires_grad_(False)
+    with torch.no_grad():
+        for p in model[1].parameters():
+            p.normal_()
+    path = tmp_path / "bridge.safetensors"
+    saved = fastbridge.save_trainable(model, path)
+    assert set(saved) == {"1.down.weight", "1.down.bias", "1.up.weight", "1.up.bias", "1.gate"}
+    fresh = nn.Sequential(nn.Linear(8, 8), BottleneckAdapter(8, 4, gate=True))
+    fresh[0].requires_grad_(False)
+    fastbridge.load_trainable(fresh, path)
+    for k, v in model[1].state_dict().items():
+        assert torch.equal(fresh[1].state_dict()[k], v), k
+
+
+def test_load_trainable_is_strict(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 8), BottleneckAdapter(8, 4))
+    path = tmp_path / "a.safetensors"
+    fastbridge.save_trainable(model, path)
+    with pytest.raises(ValueError, match="shape mismatches"):
+        fastbridge.load_trainable(nn.Sequential(nn.Linear(8, 8), BottleneckAdapter(8, 2)), path)
+    with pytest.raises(ValueError, match="missing from the file"):
+        fastbridge.load_trainable(nn.Sequential(nn.Linear(8, 8), BottleneckAdapter(8, 4, gate=True)), path)
+    with pytest.raises(ValueError, match="does not have"):
+        fastbridge.load_trainable(nn.Sequential(nn.Linear(8, 8)), path)
+    with pytest.raises(FileNotFoundError, match="'path'"):
+        fastbridge.load_trainable(model, tmp_path / "nope.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not written by fastbridge.save_trainable"):
+        fastbridge.load_trainable(model, tmp_path / "other.safetensors")
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter with requires_grad"):
+        fastbridge.save_trainable(frozen, tmp_path / "b.safetensors")
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+def test_cli_info_runs_as_module_and_script():
+    env = {**os.environ, "FASTBRIDGE_BACKEND": "auto"}
+    out = subprocess.run([sys.executable, "-m", "fastbridge", "info"], capture_output=True, text=True, env=env,
+                         cwd=str(REPO / "tests"), check=True).stdout
+    assert "torch" in out and "triton" in out and "can run here:" in out and "reference (eager PyTorch)" in out
