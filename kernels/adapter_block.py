@@ -27,9 +27,9 @@ from ._common import dot_precision, empty, pow2_at_least, sm_count
 
 ACT_IDS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_OVER_PI = 0.7978845608028654
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _act(z, ACT: tl.constexpr):
     if ACT == 0:  # gelu (erf)
         return 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
     elif ACT == 1:  # gelu (tanh approximation)
-        return 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
+        return 0.5 * z * (1.0 + _tanh((z + 0.044715 * z * z * z) * _SQRT_2_OVER_PI))
     elif ACT == 2:  # relu
         return tl.maximum(z, 0.0)
     else:  # silu
@@ -52,10 +52,10 @@ def _act(z, ACT: tl.constexpr):
 @triton.jit
 def _act_grad(z, ACT: tl.constexpr):
     if ACT == 0:
-        return 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+        return 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2)) + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
     elif ACT == 1:
-        t = _tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z))
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 0.134145 * z * z)
+        t = _tanh((z + 0.044715 * z * z * z) * _SQRT_2_OVER_PI)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * (1.0 + 0.134145 * z * z) * _SQRT_2_OVER_PI
     elif ACT == 2:
         return tl.where(z > 0.0, 1.0, 0.0)
     else:
@@ -243,11 +243,13 @@ def _adapter_bwd_weights_kernel(
 ):
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
+    pid_r = tl.program_id(2)  # r is tiled by BLOCK_R (<= 128); LN grads are linear in dh, so slices add
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
     dtype = X.dtype.element_ty
+    part = pid_s * tl.num_programs(2) + pid_r  # row of the (splits * r-slices, D) LN partial buffers
 
     acc_wu = tl.zeros([BLOCK_D, BLOCK_R], dtype=tl.float32)  # dW_up tile / s  (D, R)
     acc_wd = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)  # dW_down tile   (R, D)
@@ -258,7 +260,6 @@ def _adapter_bwd_weights_kernel(
     lnw = tl.zeros([BLOCK_D], dtype=tl.float32)
     lnb = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_LN:
-        wd = tl.load(WD + offs_r[:, None] * D + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
         lnw = tl.load(LNW + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         if HAS_LNB:
             lnb = tl.load(LNB + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -278,12 +279,15 @@ def _adapter_bwd_weights_kernel(
         x = tl.load(X + offs_n64[:, None] * stride_xm + offs_d[None, :], mask=mask, other=0.0)
         dy = dy.to(dtype)
         acc_wu = tl.dot(tl.trans(dy), a, acc_wu, input_precision=DOT_PREC)
-        acc_bu += tl.sum(dy.to(tl.float32), axis=0)
+        if pid_r == 0:
+            acc_bu += tl.sum(dy.to(tl.float32), axis=0)
         if HAS_LN:
             mean = tl.load(MEAN + offs_n, mask=mask_n, other=0.0)
             rstd = tl.load(RSTD + offs_n, mask=mask_n, other=0.0)
             xhat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
             h = tl.where(mask, xhat * lnw[None, :] + lnb[None, :], 0.0).to(dtype)
+            # W_down tile re-read per chunk (L2-resident) rather than held: keeps r = 256 spill-free.
+            wd = tl.load(WD + offs_r[:, None] * D + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
             dh = tl.dot(dz, wd, input_precision=DOT_PREC)
             acc_lw += tl.sum(dh * xhat, axis=0)
             acc_lb += tl.sum(dh, axis=0)
@@ -296,36 +300,36 @@ def _adapter_bwd_weights_kernel(
     base_dr = pid_s.to(tl.int64) * D * R
     tl.store(DWU + base_dr + offs_d[:, None] * R + offs_r[None, :], acc_wu, mask=mask_d[:, None] & mask_r[None, :])
     tl.store(DWD + base_dr + offs_r[:, None] * D + offs_d[None, :], acc_wd, mask=mask_r[:, None] & mask_d[None, :])
-    tl.store(DBU + pid_s * D + offs_d, acc_bu, mask=mask_d)
+    if pid_r == 0:
+        tl.store(DBU + pid_s * D + offs_d, acc_bu, mask=mask_d)
     if HAS_LN:
-        tl.store(DLNW + pid_s * D + offs_d, acc_lw, mask=mask_d)
-        tl.store(DLNB + pid_s * D + offs_d, acc_lb, mask=mask_d)
+        tl.store(DLNW + part * D + offs_d, acc_lw, mask=mask_d)
+        tl.store(DLNB + part * D + offs_d, acc_lb, mask=mask_d)
     if pid_d == 0:
         tl.store(DBD + pid_s * R + offs_r, acc_bd, mask=mask_r)
 
 
 # --------------------------------------------------------------------------------------------------
-# Launch configuration. Registers per thread scale with BLOCK_M·BLOCK_R (accumulator) and
-# BLOCK_M·BLOCK_D (chunk); the tables keep both within budget for r <= 256 (checked for sm_90 with
-# cuobjdump: no spills -- see benchmarks/notes/adapter_block.md).
+# Launch configuration. Registers per thread scale with BLOCK_M·BLOCK_R (accumulators) and
+# BLOCK_M·BLOCK_D (chunk tiles). Every configuration below compiles for sm_90 without spills
+# (python -m fastbridge.sm90_check; enforced by tests/test_sm90_compile.py). Not yet tuned on a GPU.
 # --------------------------------------------------------------------------------------------------
 def _row_config(block_r: int, d: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps) for the row-tile kernels."""
-    block_d = min(128 if block_r <= 64 else 64, pow2_at_least(d))
+    """(BLOCK_M, BLOCK_D, num_warps) for the row-tile kernels (forward, backward rows)."""
     if block_r <= 64:
-        return 64, block_d, 4
+        return 64, min(128, pow2_at_least(d)), 8
     if block_r <= 128:
-        return 32, block_d, 4
-    return 16, block_d, 8
+        return 64, min(64, pow2_at_least(d)), 8
+    return 16, min(64, pow2_at_least(d)), 8
 
 
-def _weights_config(block_r: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_D, num_warps) for the weight-gradient kernel."""
+def _weights_config(block_r: int, has_ln: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_D, BLOCK_R tile, num_warps) for the weight-gradient kernel."""
     if block_r <= 64:
-        return 64, 64, 4
-    if block_r <= 128:
-        return 64, 32, 4
-    return 32, 32, 8
+        return 64, 64, block_r, 8
+    if not has_ln:
+        return (64, 32, block_r, 8) if block_r <= 128 else (32, 32, block_r, 8)
+    return 64, 32, 128, 8
 
 
 def _contig(*ts):
@@ -390,10 +394,11 @@ def adapter_backward(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, 
             BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PREC=prec, num_warps=warps,
         )
 
-    block_n, block_dw, warps_w = _weights_config(block_r)
+    block_n, block_dw, r_tile, warps_w = _weights_config(block_r, has_ln)
+    n_rtiles = triton.cdiv(R, r_tile)
     n_dtiles = triton.cdiv(D, block_dw)
     n_chunks = max(1, triton.cdiv(N, block_n))
-    splits = max(1, min(n_chunks, triton.cdiv(2 * sm_count(dev), n_dtiles)))
+    splits = max(1, min(n_chunks, triton.cdiv(2 * sm_count(dev), n_dtiles * n_rtiles)))
     rows_per_split = triton.cdiv(n_chunks, splits) * block_n
     splits = max(1, triton.cdiv(N, rows_per_split))
     f32 = torch.float32
@@ -401,15 +406,15 @@ def adapter_backward(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, 
     p_wd = empty((splits, R, D), f32, dev)
     p_bu = empty((splits, D), f32, dev)
     p_bd = empty((splits, R), f32, dev)
-    p_lw = empty((splits, D) if has_ln else (0,), f32, dev)
-    p_lb = empty((splits, D) if has_ln else (0,), f32, dev)
-    _adapter_bwd_weights_kernel[(n_dtiles, splits)](
+    p_lw = empty((splits * n_rtiles, D) if has_ln else (0,), f32, dev)
+    p_lb = empty((splits * n_rtiles, D) if has_ln else (0,), f32, dev)
+    _adapter_bwd_weights_kernel[(n_dtiles, splits, n_rtiles)](
         dy, x, z, dz, w_down, ln_weight if has_ln else dummy, ln_bias if ln_bias is not None else dummy,
         mean if has_ln else dummy, rstd if has_ln else dummy,
         p_wu, p_wd, p_bu, p_bd, p_lw if has_ln else dummy, p_lb if has_ln else dummy,
         N, D, R, dy.stride(0), x.stride(0), rows_per_split,
         ACT=act, HAS_LN=has_ln, HAS_LNB=ln_bias is not None,
-        BLOCK_N=block_n, BLOCK_D=block_dw, BLOCK_R=block_r, DOT_PREC=prec, num_warps=warps_w,
+        BLOCK_N=block_n, BLOCK_D=block_dw, BLOCK_R=r_tile, DOT_PREC=prec, num_warps=warps_w,
     )
     s_eff = torch.full((), float(scale), dtype=f32, device=dev)
     if s is not None:

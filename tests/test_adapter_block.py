@@ -19,6 +19,7 @@ CASES = [
     pytest.param((3, 5, 3), 48, 1, "relu", dict(bias=False), id="r1-relu-nobias"),
     pytest.param((21,), 257, 64, "gelu_tanh", dict(ln=True, ln_bias=True, scale=0.5), id="d257-gelu_tanh"),
     pytest.param((9,), 64, 256, "gelu", dict(gate=True, residual=True), id="r256"),
+    pytest.param((11,), 96, 200, "gelu", dict(ln=True, ln_bias=True), id="ln-r200-two-r-slices"),
     pytest.param((1,), 40, 8, "silu", dict(ln=True, ln_bias=True, gate=True, tensor_scale=True), id="one-row"),
 ]
 

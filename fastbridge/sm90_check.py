@@ -1,0 +1,131 @@
+"""Compile fastbridge's Triton kernels for a GPU target without a GPU and report their resources.
+
+    python -m fastbridge.sm90_check [--arch 90]
+
+For each launch configuration the launchers can pick, compiles the kernel to PTX and cubin with
+Triton's bundled ptxas and reports registers per thread, spill stores/loads, shared memory and
+whether the PTX uses wgmma (Hopper tensor-core instructions). tests/test_sm90_compile.py fails on
+any spilling configuration, so none reaches a GPU run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+@dataclass
+class Resources:
+    name: str
+    config: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack: int
+    shared: int
+    wgmma: bool
+
+    @property
+    def spills(self) -> bool:
+        return self.spill_stores > 0 or self.spill_loads > 0 or self.stack > 0
+
+    def row(self) -> str:
+        return (f"{self.name:32s} {self.config:52s} regs={self.registers:3d} stack={self.stack:4d} "
+                f"spill(st/ld)={self.spill_stores}/{self.spill_loads} smem={self.shared:6d} "
+                f"wgmma={'yes' if self.wgmma else 'no'}")
+
+
+def compile_kernel(jit_fn, signature: dict, constexprs: dict, num_warps: int, arch: int = 90, num_stages: int = 3):
+    """Compile like a launch with 16-byte aligned pointers and multiple-of-16 sizes/strides would."""
+    names = jit_fn.arg_names
+    full_sig = {n: ("constexpr" if n in constexprs else signature[n]) for n in names}
+    aligned = [n for n in names if n not in constexprs and (signature[n].startswith("*") or n in ("D", "R")
+                                                              or n.startswith("stride"))]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(jit_fn, full_sig, constexprs, attrs)
+    target = GPUTarget("cuda", arch, 32)
+    return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def resources(name: str, config: str, compiled) -> Resources:
+    ptx = compiled.asm["ptx"]
+    cubin = compiled.asm["cubin"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        out = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-res-usage", path], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        os.unlink(path)
+
+    def field(key):
+        m = re.search(rf"{key}[:=]\s*(\d+)", out)
+        return int(m.group(1)) if m else 0
+
+    meta = compiled.metadata
+    shared = getattr(meta, "shared", None) or field("SHARED")
+    return Resources(name, config, field("REG"), 0, 0, field("STACK"), int(shared), "wgmma" in ptx)
+
+
+def adapter_block_configs(arch: int = 90):
+    """Every (kernel, config) the adapter_block launchers can choose, in bf16."""
+    from fastbridge.kernels import adapter_block as K
+
+    ptr = "*bf16"
+    f32p = "*fp32"
+    for block_r in (16, 32, 64, 128, 256):
+        for d, has_ln in ((768, False), (4096, True)):
+            bm, bd, warps = K._row_config(block_r, d)
+            flags = dict(ACT=0, HAS_LN=has_ln, HAS_RES=False, HAS_S=True, BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=block_r,
+                         DOT_PREC="ieee")
+            cfg = f"r<={block_r} ln={int(has_ln)} BM={bm} BD={bd} warps={warps}"
+            fwd_sig = dict(X=ptr, RES=ptr, Y=ptr, WD=ptr, BD=ptr, WU=ptr, BU=ptr, LNW=ptr, LNB=ptr, Z=ptr, MEAN=f32p,
+                           RSTD=f32p, S=f32p, scale="fp32", eps="fp32", N="i32", D="i32", R="i32", stride_xm="i32",
+                           stride_rm="i32", stride_ym="i32")
+            fwd_c = dict(flags, HAS_LNB=has_ln, HAS_BD=True, HAS_BU=True)
+            yield ("adapter_fwd", cfg, K._adapter_fwd_kernel, fwd_sig, fwd_c, warps)
+            rows_sig = dict(DY=ptr, X=ptr, DX=ptr, WD=ptr, WU=ptr, LNW=ptr, Z=ptr, MEAN=f32p, RSTD=f32p, S=f32p,
+                            DZ=ptr, AG=f32p, scale="fp32", N="i32", D="i32", R="i32", stride_dym="i32",
+                            stride_xm="i32", stride_dxm="i32")
+            yield ("adapter_bwd_rows", cfg, K._adapter_bwd_rows_kernel, rows_sig, flags, warps)
+        for has_ln in (False, True):
+            bn, bdw, r_tile, warps_w = K._weights_config(block_r, has_ln)
+            w_sig = dict(DY=ptr, X=ptr, Z=ptr, DZ=ptr, WD=ptr, LNW=ptr, LNB=ptr, MEAN=f32p, RSTD=f32p, DWU=f32p,
+                         DWD=f32p, DBU=f32p, DBD=f32p, DLNW=f32p, DLNB=f32p, N="i32", D="i32", R="i32",
+                         stride_dym="i32", stride_xm="i32", rows_per_split="i32")
+            w_c = dict(ACT=0, HAS_LN=has_ln, HAS_LNB=has_ln, BLOCK_N=bn, BLOCK_D=bdw, BLOCK_R=r_tile, DOT_PREC="ieee")
+            yield ("adapter_bwd_weights", f"r<={block_r} ln={int(has_ln)} BN={bn} BD={bdw} BR={r_tile} warps={warps_w}",
+                   K._adapter_bwd_weights_kernel, w_sig, w_c, warps_w)
+
+
+def check_all(arch: int = 90) -> list[Resources]:
+    out = []
+    for name, cfg, fn, sig, consts, warps in adapter_block_configs(arch):
+        out.append(resources(name, cfg, compile_kernel(fn, sig, consts, warps, arch)))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90)
+    a = p.parse_args(argv)
+    rows = check_all(a.arch)
+    for r in rows:
+        print(r.row())
+    bad = [r for r in rows if r.spills]
+    print(f"{len(rows)} configurations, {len(bad)} spilling")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
