@@ -17,8 +17,15 @@ def add_adapters(model, *args, **kwargs):
     return _add(model, *args, **kwargs)
 
 
+def remove_adapters(model, **kwargs):
+    """Remove the adapters add_adapters inserted and restore the model exactly."""
+    from .integrations.adapters import remove_adapters as _remove
+
+    return _remove(model, **kwargs)
+
+
 __all__ = [
     "__version__", "ops", "reference", "use_backend", "current_backend", "FastbridgeFallbackWarning",
     "patch", "unpatch", "register_integration", "Integration", "save_trainable", "load_trainable",
-    "add_adapters",
+    "add_adapters", "remove_adapters",
 ]
