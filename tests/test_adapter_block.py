@@ -20,6 +20,7 @@ CASES = [
     pytest.param((21,), 257, 64, "gelu_tanh", dict(ln=True, ln_bias=True, scale=0.5), id="d257-gelu_tanh"),
     pytest.param((9,), 64, 256, "gelu", dict(gate=True, residual=True), id="r256"),
     pytest.param((11,), 96, 200, "gelu", dict(ln=True, ln_bias=True), id="ln-r200-two-r-slices"),
+    pytest.param((3,), 8193, 16, "gelu", dict(ln=True, ln_bias=True, gate=True), id="d8193"),
     pytest.param((1,), 40, 8, "silu", dict(ln=True, ln_bias=True, gate=True, tensor_scale=True), id="one-row"),
 ]
 
@@ -216,6 +217,14 @@ def test_bad_input_names_the_argument(change, arg, fragment):
         call(t, "gelu")
     msg = str(e.value)
     assert f"'{arg}'" in msg and fragment in msg, msg
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_mismatch_names_the_argument():
+    t = _good()
+    t["x"] = t["x"].cuda()
+    with pytest.raises(ValueError, match=r"argument 'w_down' must be on x's device cuda"):
+        call(t, "gelu")
 
 
 def test_bad_activation_and_eps():
