@@ -50,17 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastbridge", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, device, and which backends can run here")
-    bench = sub.add_parser("bench", help="run the benchmark suite (pytest benchmarks/ --benchmark-only), "
-                                         "then print the table and write plots")
-    bench.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments passed to pytest")
-    args = parser.parse_args(argv)
+    sub.add_parser("bench", help="run the benchmark suite (pytest benchmarks/ --benchmark-only), then print "
+                                 "the table and write plots; other arguments are passed to pytest")
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.cmd != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.cmd == "info":
         print("\n".join(info_lines()))
         return 0
     if args.cmd == "bench":
         from .bench import run_bench
 
-        return run_bench(args.pytest_args)
+        return run_bench(extra)  # every other argument goes to pytest (e.g. -k blip --fb-quick)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -1,0 +1,82 @@
+"""``fastbridge bench``: run the benchmark suite, then write its table and plots.
+
+Runs ``pytest <repo>/benchmarks --benchmark-only [args]`` in a subprocess (the suite writes
+``benchmarks/results/<device-slug>.json``, see benchmarks/conftest.py), then
+``benchmarks/plot.py`` on the results (a markdown table printed and saved, PNG plots) into
+``<results dir>/plots``. The benchmarks live in the source repository, not in the installed package:
+set FASTBRIDGE_BENCHMARKS_DIR to use another checkout's benchmarks/ folder.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# pytest via -c (sys.path[0] is then '' = the working directory): drop that entry so running from the
+# repository root never makes the top-level kernels/ folder importable as a module named `kernels`.
+_PYTEST = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; import pytest; "
+           "sys.exit(pytest.main(sys.argv[1:]))")
+
+
+class BenchmarksNotFound(RuntimeError):
+    pass
+
+
+def benchmarks_dir() -> Path:
+    """The repository's benchmarks/ folder (next to the fastbridge package of a source checkout)."""
+    env = os.environ.get("FASTBRIDGE_BENCHMARKS_DIR")
+    candidates = [Path(env).expanduser()] if env else []
+    import fastbridge
+
+    candidates.append(Path(fastbridge.__file__).resolve().parent.parent / "benchmarks")
+    for c in candidates:
+        if (c / "conftest.py").is_file() and (c / "_harness.py").is_file():
+            return c.resolve()
+    raise BenchmarksNotFound(
+        "fastbridge bench: the benchmark suite was not found (looked in "
+        + ", ".join(str(c) for c in candidates)
+        + "). It ships with the source repository, not with the installed package: clone the repository and "
+        "install it editable (pip install -e '.[test]'), or point FASTBRIDGE_BENCHMARKS_DIR at its benchmarks/ folder.")
+
+
+def _results_dir(args: list[str], bdir: Path) -> Path:
+    for i, a in enumerate(args):
+        if a == "--fb-results-dir" and i + 1 < len(args):
+            return Path(args[i + 1]).expanduser().resolve()
+        if a.startswith("--fb-results-dir="):
+            return Path(a.split("=", 1)[1]).expanduser().resolve()
+    env = os.environ.get("FASTBRIDGE_BENCH_OUT")
+    return Path(env).expanduser().resolve() if env else bdir / "results"
+
+
+def run_bench(args: list[str]) -> int:
+    """Run the suite with extra pytest ``args``, then the table / plots; returns pytest's exit code."""
+    args = list(args or [])
+    try:
+        bdir = benchmarks_dir()
+    except BenchmarksNotFound as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    try:
+        import pytest_benchmark  # noqa: F401
+    except ImportError:
+        print("fastbridge bench: pytest-benchmark is not installed (pip install pytest-benchmark, or "
+              "pip install -e '.[test]')", file=sys.stderr)
+        return 2
+    if args[:1] == ["--"]:
+        args = args[1:]
+    cmd = [sys.executable, "-c", _PYTEST, str(bdir), "--benchmark-only", *args]
+    print("fastbridge bench: " + " ".join(["pytest", str(bdir), "--benchmark-only", *args]), flush=True)
+    rc = subprocess.call(cmd)
+    if "--fb-no-write" in args:
+        return rc
+    out = _results_dir(args, bdir)
+    results = sorted(out.glob("*.json"))
+    if not results:
+        print(f"fastbridge bench: no results in {out} (nothing ran?)", file=sys.stderr)
+        return rc or 1
+    plot_rc = subprocess.call([sys.executable, str(bdir / "plot.py"), *map(str, results), "--out", str(out / "plots")])
+    if plot_rc != 0:
+        print(f"fastbridge bench: plot.py exited with {plot_rc} (see above)", file=sys.stderr)
+    return rc
