@@ -244,31 +244,30 @@ def _mb(nbytes: float) -> str:
     return f"{nbytes / 1e6:,.1f}"
 
 
-def table_fwd() -> list[str]:
+def _table(mode: str) -> list[str]:
+    """Floor table for ``mode`` ("fwd" or "fwd_bwd"); fwd_bwd adds the saved-activation columns."""
+    saved = mode == "fwd_bwd"
     out = ["| cfg | d | r | N | floor MB | as-written MB | floor µs | FLOP µs | FLOP/B | eager MB | "
-           "pred. speed-up |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "pred. speed-up |" + (" saved: eager MB | saved: fused MB |" if saved else ""),
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if saved else "")]
     for cfg, s in cuda_shapes():
-        lo, hi = min_bytes(s, "fwd"), fused_bytes_as_written(s, "fwd")
-        eb = eager_bytes(s, "fwd")
-        out.append(f"| {cfg} | {s.d} | {s.r} | {s.n} | {_mb(lo)} | {_mb(hi)} | {_us(lo):,.1f} | "
-                   f"{_flop_us(model_flops(s, 'fwd')):,.1f} | {model_flops(s, 'fwd') / lo:,.0f} | {_mb(eb)} | "
-                   f"{eb / hi:.1f}-{eb / lo:.1f}× |")
+        lo, hi = min_bytes(s, mode), fused_bytes_as_written(s, mode)
+        eb = eager_bytes(s, mode)
+        row = (f"| {cfg} | {s.d} | {s.r} | {s.n} | {_mb(lo)} | {_mb(hi)} | {_us(lo):,.1f} | "
+               f"{_flop_us(model_flops(s, mode)):,.1f} | {model_flops(s, mode) / lo:,.0f} | {_mb(eb)} | "
+               f"{eb / hi:.1f}-{eb / lo:.1f}× |")
+        if saved:
+            row += f" {_mb(saved_bytes(s, 'eager'))} | {_mb(saved_bytes(s, 'fused'))} |"
+        out.append(row)
     return out
+
+
+def table_fwd() -> list[str]:
+    return _table("fwd")
 
 
 def table_fwd_bwd() -> list[str]:
-    out = ["| cfg | d | r | N | floor MB | as-written MB | floor µs | FLOP µs | FLOP/B | eager MB | "
-           "pred. speed-up | saved: eager MB | saved: fused MB |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for cfg, s in cuda_shapes():
-        lo, hi = min_bytes(s, "fwd_bwd"), fused_bytes_as_written(s, "fwd_bwd")
-        eb = eager_bytes(s, "fwd_bwd")
-        out.append(f"| {cfg} | {s.d} | {s.r} | {s.n} | {_mb(lo)} | {_mb(hi)} | {_us(lo):,.1f} | "
-                   f"{_flop_us(model_flops(s, 'fwd_bwd')):,.1f} | {model_flops(s, 'fwd_bwd') / lo:,.0f} | "
-                   f"{_mb(eb)} | {eb / hi:.1f}-{eb / lo:.1f}× | {_mb(saved_bytes(s, 'eager'))} | "
-                   f"{_mb(saved_bytes(s, 'fused'))} |")
-    return out
+    return _table("fwd_bwd")
 
 
 def table_intensity() -> list[str]:

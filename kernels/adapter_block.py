@@ -83,6 +83,14 @@ def _layer_norm_chunk(x, mean, rstd, LNW, LNB, offs_d, mask_d, HAS_LNB: tl.const
 
 
 @triton.jit
+def _row_tile(N, R, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """This program's row offsets (int64, for addressing) and masks, and the bottleneck offsets."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    return offs_m, offs_m.to(tl.int64), offs_m < N, offs_r, offs_r < R
+
+
+@triton.jit
 def _adapter_fwd_kernel(
     X, RES, Y, WD, BD, WU, BU, LNW, LNB, Z, MEAN, RSTD, S,
     scale, eps, N, D, R, stride_xm, stride_rm, stride_ym,
@@ -90,12 +98,8 @@ def _adapter_fwd_kernel(
     HAS_BU: tl.constexpr, HAS_RES: tl.constexpr, HAS_S: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
-    rows_x = X + offs_m.to(tl.int64)[:, None] * stride_xm
+    offs_m, offs_m64, mask_m, offs_r, mask_r = _row_tile(N, R, BLOCK_M, BLOCK_R)
+    rows_x = X + offs_m64[:, None] * stride_xm
     dtype = X.dtype.element_ty
 
     # Pass A: LayerNorm statistics (Chan's parallel merge of per-chunk mean / M2).
@@ -136,13 +140,13 @@ def _adapter_fwd_kernel(
     if HAS_BD:
         acc += tl.load(BD + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
     zmask = mask_m[:, None] & mask_r[None, :]
-    tl.store(Z + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :], acc.to(Z.dtype.element_ty), mask=zmask)
+    tl.store(Z + offs_m64[:, None] * R + offs_r[None, :], acc.to(Z.dtype.element_ty), mask=zmask)
     a = tl.where(mask_r[None, :], _act(acc, ACT), 0.0).to(dtype)
 
     # Pass C: y = res + s * (a @ W_upᵀ + b_up).   W_up is (D, R) row-major.
     s = _scale_value(scale, S, HAS_S)
-    rows_y = Y + offs_m.to(tl.int64)[:, None] * stride_ym
-    rows_res = RES + offs_m.to(tl.int64)[:, None] * stride_rm
+    rows_y = Y + offs_m64[:, None] * stride_ym
+    rows_res = RES + offs_m64[:, None] * stride_rm
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
@@ -166,12 +170,7 @@ def _adapter_bwd_rows_kernel(
     ACT: tl.constexpr, HAS_LN: tl.constexpr, HAS_RES: tl.constexpr, HAS_S: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
-    offs_m64 = offs_m.to(tl.int64)
+    offs_m, offs_m64, mask_m, offs_r, mask_r = _row_tile(N, R, BLOCK_M, BLOCK_R)
     rows_dy = DY + offs_m64[:, None] * stride_dym
     rows_x = X + offs_m64[:, None] * stride_xm
     rows_dx = DX + offs_m64[:, None] * stride_dxm
