@@ -1,4 +1,5 @@
 """fastbridge.ops: the fused ops of API.md, each a torch.library custom op (torch.ops.fastbridge.*)."""
 from .adapter_block import adapter_block
+from .gated_attention import gated_attention
 
-__all__ = ["adapter_block"]
+__all__ = ["adapter_block", "gated_attention"]
