@@ -49,7 +49,7 @@ def compile_kernel(jit_fn, signature: dict, constexprs: dict, num_warps: int, ar
     names = jit_fn.arg_names
     full_sig = {n: ("constexpr" if n in constexprs else signature[n]) for n in names}
     aligned = [n for n in names if n not in constexprs and (signature[n].startswith("*") or n in ("D", "R")
-                                                              or n.startswith("stride"))]
+                                                              or n.startswith("s"))]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(jit_fn, full_sig, constexprs, attrs)
     target = GPUTarget("cuda", arch, 32)
@@ -108,18 +108,76 @@ def adapter_block_configs(arch: int = 90):
                    K._adapter_bwd_weights_kernel, w_sig, w_c, warps_w)
 
 
-def check_all(arch: int = 90) -> list[Resources]:
-    out = []
+def gated_attention_configs(arch: int = 90):
+    """Every (kernel, config) the gated_attention launchers pick, bf16, per supported head dim."""
+    from fastbridge.kernels import gated_attention as K
+
+    p, f = "*bf16", "*fp32"
+    i32 = "i32"
+
+    def strides(*names):
+        return {n: i32 for n in names}
+
+    for D in (16, 32, 64, 128, 256):
+        bd = K.pow2_at_least(D)
+        bp = K._prefix_block(10)
+        for Lq in (4096, 1):
+            bm, bn, warps, stages = K.fwd_config(D, Lq)
+            sig = dict(Q=p, K=p, V=p, PK=p, PV=p, G=f, KPM="*u8", OUT=p, LSE_M=f, LSE_P=f,
+                       **strides("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "spkb", "spkh",
+                                 "spkn", "spvb", "spvh", "spvn", "sob", "soh", "som", "H", "GROUP", "Lq", "Lk", "P",
+                                 "D"), qk_scale="fp32")
+            c = dict(CAUSAL=True, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee")
+            yield ("gated_attn_fwd", f"D={D} Lq={Lq} BM={bm} BN={bn} warps={warps}", K._gated_attn_fwd_kernel, sig,
+                   c, warps, stages)
+        bcfg = K.bwd_config(D)
+        bm, bn, warps, stages = bcfg["pre"]
+        cfg = f"D={D} BM={bm} warps={warps}"
+        sig = dict(Q=p, PK=p, PV=p, G=f, OUT=p, DO=p, LSE_P=f, DELTA_M=f, DELTA_P=f, DG_PART=f, DPK_PART=f,
+                   DPV_PART=f, **strides("sqb", "sqh", "sqm", "spkb", "spkh", "spkn", "spvb", "spvh", "spvn", "sob",
+                                         "soh", "som", "sdb", "sdh", "sdm", "H", "Lq", "P", "D", "rows_per_prog"),
+                   qk_scale="fp32")
+        c = dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee", GROUP=4)
+        yield ("gated_attn_bwd_pre", cfg, K._gated_attn_bwd_pre_kernel, sig, c, warps, 1)
+        bm, bn, warps, stages = bcfg["dkdv"]
+        cfg = f"D={D} BM={bm} BN={bn} warps={warps}"
+        sig = dict(Q=p, K=p, V=p, DO=p, KPM="*u8", LSE_M=f, DELTA_M=f, DK=p, DV=p,
+                   **strides("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sdb", "sdh", "sdm",
+                             "sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn", "H", "Hkv", "Lq", "Lk", "D"),
+                   qk_scale="fp32")
+        c = dict(GROUP=4, CAUSAL=True, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC="ieee")
+        yield ("gated_attn_bwd_dkdv", cfg, K._gated_attn_bwd_dkdv_kernel, sig, c, warps, stages)
+        bm, bn, warps, stages = bcfg["dq"]
+        cfg = f"D={D} BM={bm} BN={bn} warps={warps}"
+        sig = dict(Q=p, K=p, V=p, PK=p, PV=p, G=f, DO=p, KPM="*u8", LSE_M=f, LSE_P=f, DELTA_M=f, DELTA_P=f, DQ=p,
+                   **strides("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "spkb", "spkh", "spkn",
+                             "spvb", "spvh", "spvn", "sdb", "sdh", "sdm", "sdqb", "sdqh", "sdqm", "H", "GROUP", "Lq",
+                             "Lk", "P", "D"), qk_scale="fp32")
+        c = dict(CAUSAL=True, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee")
+        yield ("gated_attn_bwd_dq", cfg, K._gated_attn_bwd_dq_kernel, sig, c, warps, stages)
+
+
+def all_configs(arch: int = 90):
     for name, cfg, fn, sig, consts, warps in adapter_block_configs(arch):
-        out.append(resources(name, cfg, compile_kernel(fn, sig, consts, warps, arch)))
+        yield name, cfg, fn, sig, consts, warps, 3
+    yield from gated_attention_configs(arch)
+
+
+def check_all(arch: int = 90, only: str | None = None) -> list[Resources]:
+    out = []
+    for name, cfg, fn, sig, consts, warps, stages in all_configs(arch):
+        if only and not name.startswith(only):
+            continue
+        out.append(resources(name, cfg, compile_kernel(fn, sig, consts, warps, arch, stages)))
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--only", default=None, help="kernel name prefix, e.g. gated_attn")
     a = p.parse_args(argv)
-    rows = check_all(a.arch)
+    rows = check_all(a.arch, a.only)
     for r in rows:
         print(r.row())
     bad = [r for r in rows if r.spills]

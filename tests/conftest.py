@@ -1,7 +1,10 @@
 """Shared test configuration: devices, dtypes and the one table of tolerances.
 
 Kernels are compared with the float64 reference evaluated on the *same* (already rounded) inputs,
-so the error measured is the kernel's own. Error metric: max|actual - expected| / max|expected|.
+so the error measured is the kernel's own. Pass when max|actual - expected| <= TOL·max|expected| +
+ATOL (ATOL only matters for quantities that are exactly 0 in exact arithmetic, e.g. d prefix_k with
+a single prompt token, where only accumulation noise over the summed rows remains; test inputs
+are O(1)).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ HAS_CUDA = torch.cuda.is_available()
 # Relative (to max |expected|) tolerances, by dtype: fp32 accumulation everywhere; half types pay for
 # rounding the inputs of each matmul (h, act(z), dz) to the input dtype, as eager PyTorch does too.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -32,7 +36,10 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def assert_close(actual, expected, dtype, what: str) -> None:
     err = rel_err(actual, expected)
-    assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > tolerance {TOL[dtype]:.0e} for {dtype}"
+    scale = expected.detach().abs().max().item() if expected.numel() else 0.0
+    ok = err * max(scale, 1e-12) <= TOL[dtype] * scale + ATOL[dtype]
+    assert ok, (f"{what}: relative error {err:.3e} (max |expected| {scale:.2e}) > tolerance {TOL[dtype]:.0e} "
+                f"+ {ATOL[dtype]:.0e} absolute, for {dtype}")
 
 
 def kernel_devices() -> list:

@@ -66,8 +66,8 @@ def _gated_attention_bwd_op(
 
 @_gated_attention_bwd_op.register_fake
 def _(dout, q, k, v, prefix_k, prefix_v, g, out, lse_main, lse_prefix, causal, scale, key_padding_mask):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(prefix_k),
-            torch.empty_like(prefix_v), torch.empty_like(g))
+    # The kernels write fresh contiguous gradients.
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, prefix_k, prefix_v, g))
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,0 +1,463 @@
+"""Split-softmax zero-init gated attention (LLaMA-Adapter), fused forward and backward.
+
+    out = softmax(q kᵀ·s + mask) v + g_h · softmax(q pkᵀ·s) pv
+
+Triton kernels and launchers only (autograd, validation: fastbridge/ops/gated_attention.py).
+Layouts: q (B, H, Lq, D); k, v (B, Hkv, Lk, D), query head h reads KV head h // (H / Hkv) (GQA/MQA,
+never repeated); prefix pk, pv (Bp, Hkv, P, D) with Bp ∈ {1, B}: a shared prompt is read with batch
+stride 0 (broadcast, never copied). Any strides with a unit last stride.
+
+Forward (one kernel, a program per (query tile, b·h)): one pass over the P prefix keys and one over
+the main keys with two online-softmax states (exp2 domain); bottom-right causal mask (query i sees
+j <= i + Lk - Lq), key padding mask; a row with no visible main key gets 0 (and lse = -inf). Saves
+lse_main and lse_prefix (B, H, Lq) fp32.
+
+Backward, FlashAttention-2 style recomputation from the saved statistics:
+  pre    per (row chunk, b·h): o_p recomputed (P is tiny), o_m = out - g·o_p, Δm = rowsum(dO·o_m),
+         Δp = g·rowsum(dO·o_p); partial dg = Σ rowsum(dO·o_p); partial d prefix_k / d prefix_v over
+         the chunk's rows (summed over chunks, GQA groups and -- for a shared prompt -- the batch).
+  dkdv   per (key tile, b·hkv): loops over the group's query heads and the query tiles that can see
+         the tile; dk, dv accumulated in registers (no atomics).
+  dq     per (query tile, b·h): main keys, then the prefix branch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dot_precision, empty, pow2_at_least, sm_count
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _main_mask(offs_m, offs_n, b, Lq, Lk, KPM, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
+    """Visibility of main keys offs_n for queries offs_m (bounds, bottom-right causal, padding)."""
+    vis = (offs_n < Lk)[None, :] & (offs_m >= 0)[:, None]
+    if CAUSAL:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None] + (Lk - Lq))
+    if HAS_KPM:
+        keep = tl.load(KPM + b.to(tl.int64) * Lk + offs_n, mask=offs_n < Lk, other=0)
+        vis = vis & (keep != 0)[None, :]
+    return vis
+
+
+@triton.jit
+def _causal_hi(start_m, Lq, Lk, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """One past the last main key any query of the tile [start_m, start_m + BLOCK_M) can see."""
+    if CAUSAL:
+        return tl.maximum(tl.minimum(Lk, start_m + BLOCK_M + (Lk - Lq)), 0)
+    return Lk
+
+
+@triton.jit
+def _gated_attn_fwd_kernel(
+    Q, K, V, PK, PV, G, KPM, OUT, LSE_M, LSE_P,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, spkb, spkh, spkn, spvb, spvh, spvn, sob, soh, som,
+    H, GROUP, Lq, Lk, P, D, qk_scale,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < Lq
+    mask_d = offs_d < D
+    dtype = Q.dtype.element_ty
+
+    q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+
+    # Prefix branch: every prefix key is visible to every query.
+    m_p = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_p = tl.zeros([BLOCK_M], tl.float32)
+    acc_p = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    pk_base = PK + b64 * spkb + hk64 * spkh
+    pv_base = PV + b64 * spvb + hk64 * spvh
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        pk = tl.load(pk_base + offs_p[:, None] * spkn + offs_d[None, :], mask=mask_p[:, None] & mask_d[None, :],
+                     other=0.0)
+        s = tl.dot(q, tl.trans(pk), input_precision=DOT_PREC) * qk_scale
+        s = tl.where(mask_p[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_p, tl.max(s, 1))
+        alpha = tl.exp2(m_p - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_p = l_p * alpha + tl.sum(p, 1)
+        pv = tl.load(pv_base + offs_p[:, None] * spvn + offs_d[None, :], mask=mask_p[:, None] & mask_d[None, :],
+                     other=0.0)
+        acc_p = acc_p * alpha[:, None] + tl.dot(p.to(dtype), pv, input_precision=DOT_PREC)
+        m_p = m_new
+    o_p = acc_p / l_p[:, None]
+
+    # Main branch: causal / padded keys; a row with no visible key stays at l = 0 -> contributes 0.
+    m_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_m = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = K + b64 * skb + hk64 * skh
+    v_base = V + b64 * svb + hk64 * svh
+    hi = _causal_hi(start_m, Lq, Lk, BLOCK_M, CAUSAL)
+    for n0 in range(0, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < Lk
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s = tl.where(_main_mask(offs_m, offs_n, b, Lq, Lk, KPM, CAUSAL, HAS_KPM), s, float("-inf"))
+        m_new = tl.maximum(m_m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_m = l_m * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                    other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=DOT_PREC)
+        m_m = m_new
+    has_keys = l_m > 0.0
+    o_m = acc / tl.where(has_keys, l_m, 1.0)[:, None]
+
+    g = tl.load(G + h).to(tl.float32)
+    out = o_m + g * o_p
+    tl.store(OUT + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :], out.to(OUT.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+    row = pid_bh.to(tl.int64) * Lq + offs_m
+    lse_m = tl.where(has_keys, (m_m + tl.log2(tl.where(has_keys, l_m, 1.0))) * _LN2, float("-inf"))
+    tl.store(LSE_M + row, lse_m, mask=mask_m)
+    tl.store(LSE_P + row, (m_p + tl.log2(l_p)) * _LN2, mask=mask_m)
+
+
+@triton.jit
+def _prefix_probs(q, pk_base, spkn, offs_p, offs_d, mask_p, mask_d, lse_p, qk_scale, DOT_PREC: tl.constexpr):
+    """P_p = softmax(q pkᵀ·s) recomputed from its log-sum-exp; also returns the prefix-key tile."""
+    pk = tl.load(pk_base + offs_p[:, None] * spkn + offs_d[None, :], mask=mask_p[:, None] & mask_d[None, :],
+                 other=0.0)
+    s = tl.dot(q, tl.trans(pk), input_precision=DOT_PREC) * qk_scale
+    p = tl.exp2(s - (lse_p * _LOG2E)[:, None])
+    return tl.where(mask_p[None, :], p, 0.0), pk
+
+
+@triton.jit
+def _gated_attn_bwd_pre_kernel(
+    Q, PK, PV, G, OUT, DO, LSE_P, DELTA_M, DELTA_P, DG_PART, DPK_PART, DPV_PART,
+    sqb, sqh, sqm, spkb, spkh, spkn, spvb, spvh, spvn, sob, soh, som, sdb, sdh, sdm,
+    H, Lq, P, D, rows_per_prog, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, GROUP: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_d = offs_d < D
+    mask_p = offs_p < P
+    dtype = Q.dtype.element_ty
+    g = tl.load(G + h).to(tl.float32)
+    pk_base = PK + b64 * spkb + hk64 * spkh
+    pv = tl.load(PV + b64 * spvb + hk64 * spvh + offs_p[:, None] * spvn + offs_d[None, :],
+                 mask=mask_p[:, None] & mask_d[None, :], other=0.0)
+
+    dpk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dpv = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dg = tl.zeros([BLOCK_M], tl.float32)
+    row_lo = pid_c * rows_per_prog
+    row_hi = tl.minimum(row_lo + rows_per_prog, Lq)
+    for m0 in range(row_lo, row_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < row_hi
+        mask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=mask, other=0.0)
+        do = tl.load(DO + b64 * sdb + h64 * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        out = tl.load(OUT + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :], mask=mask,
+                      other=0.0).to(tl.float32)
+        row = pid_bh.to(tl.int64) * Lq + offs_m
+        lse_p = tl.load(LSE_P + row, mask=mask_m, other=0.0)
+        p, pk = _prefix_probs(q, pk_base, spkn, offs_p, offs_d, mask_p, mask_d, lse_p, qk_scale, DOT_PREC)
+        p = tl.where(mask_m[:, None], p, 0.0)
+        o_p = tl.dot(p.to(dtype), pv, input_precision=DOT_PREC)
+        dgp = tl.sum(do * o_p, 1)                      # d out / d g, per row
+        delta_m = tl.sum(do * (out - g * o_p), 1)
+        tl.store(DELTA_M + row, delta_m, mask=mask_m)
+        tl.store(DELTA_P + row, g * dgp, mask=mask_m)
+        dg += dgp
+        # Prefix key / value gradients for these rows: dS_p = g·P_p ∘ (dO pvᵀ - rowsum(dO·o_p)).
+        # g is applied in fp32 after each dot, so dO pvᵀ and rowsum(dO·o_p) see the same dO values.
+        do_lp = do.to(dtype)
+        dpv += tl.dot(tl.trans(p.to(dtype)), do_lp, input_precision=DOT_PREC) * g
+        dp = tl.dot(do_lp, tl.trans(pv), input_precision=DOT_PREC)
+        ds = p * (dp - dgp[:, None]) * g
+        dpk += tl.dot(tl.trans(ds.to(dtype)), q, input_precision=DOT_PREC)
+    part = pid_c.to(tl.int64) * tl.num_programs(1) + pid_bh
+    tl.store(DG_PART + part, tl.sum(dg, 0))
+    base = part * P * D
+    pmask = mask_p[:, None] & mask_d[None, :]
+    tl.store(DPK_PART + base + offs_p[:, None] * D + offs_d[None, :], dpk * (qk_scale * _LN2), mask=pmask)
+    tl.store(DPV_PART + base + offs_p[:, None] * D + offs_d[None, :], dpv, mask=pmask)
+
+
+@triton.jit
+def _gated_attn_bwd_dkdv_kernel(
+    Q, K, V, DO, KPM, LSE_M, DELTA_M, DK, DV,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+    H, Hkv, Lq, Lk, D, qk_scale,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = pid_bk // Hkv
+    hk = pid_bk % Hkv
+    b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < Lk
+    mask_d = offs_d < D
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    dtype = Q.dtype.element_ty
+    k = tl.load(K + b64 * skb + hk64 * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * svb + hk64 * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # First query that can see this key tile (bottom-right causal), rounded down to a tile.
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(start_n - (Lk - Lq), 0) // BLOCK_M * BLOCK_M
+    for g_i in range(GROUP):
+        h64 = hk64 * GROUP + g_i
+        bh = b64 * H + h64
+        for m0 in range(lo, Lq, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < Lq
+            qmask = mask_m[:, None] & mask_d[None, :]
+            q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=qmask, other=0.0)
+            do = tl.load(DO + b64 * sdb + h64 * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=qmask,
+                         other=0.0)
+            lse = tl.load(LSE_M + bh * Lq + offs_m, mask=mask_m, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows without keys: P = 0
+            delta = tl.load(DELTA_M + bh * Lq + offs_m, mask=mask_m, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            p = tl.exp2(s - (lse * _LOG2E)[:, None])
+            p = tl.where(_main_mask(offs_m, offs_n, b, Lq, Lk, KPM, CAUSAL, HAS_KPM) & mask_m[:, None], p, 0.0)
+            dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=DOT_PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(dtype)), q, input_precision=DOT_PREC)
+    dk = dk * (qk_scale * _LN2)
+    tl.store(DK + b64 * sdkb + hk64 * sdkh + offs_n[:, None] * sdkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(DV + b64 * sdvb + hk64 * sdvh + offs_n[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=kv_mask)
+
+
+@triton.jit
+def _gated_attn_bwd_dq_kernel(
+    Q, K, V, PK, PV, G, DO, KPM, LSE_M, LSE_P, DELTA_M, DELTA_P, DQ,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, spkb, spkh, spkn, spvb, spvh, spvn, sdb, sdh, sdm,
+    sdqb, sdqh, sdqm,
+    H, GROUP, Lq, Lk, P, D, qk_scale,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < Lq
+    mask_d = offs_d < D
+    qmask = mask_m[:, None] & mask_d[None, :]
+    dtype = Q.dtype.element_ty
+    q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + b64 * sdb + h64 * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=qmask, other=0.0)
+    row = pid_bh.to(tl.int64) * Lq + offs_m
+    lse = tl.load(LSE_M + row, mask=mask_m, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA_M + row, mask=mask_m, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = K + b64 * skb + hk64 * skh
+    v_base = V + b64 * svb + hk64 * svh
+    hi = _causal_hi(start_m, Lq, Lk, BLOCK_M, CAUSAL)
+    for n0 in range(0, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < Lk)[:, None] & mask_d[None, :]
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        p = tl.exp2(s - (lse * _LOG2E)[:, None])
+        p = tl.where(_main_mask(offs_m, offs_n, b, Lq, Lk, KPM, CAUSAL, HAS_KPM), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(dtype), k, input_precision=DOT_PREC)
+
+    # Prefix branch: dS_p = P_p ∘ (g·dO pvᵀ - Δp).
+    g = tl.load(G + h).to(tl.float32)
+    lse_p = tl.load(LSE_P + row, mask=mask_m, other=0.0)
+    delta_p = tl.load(DELTA_P + row, mask=mask_m, other=0.0)
+    pk_base = PK + b64 * spkb + hk64 * spkh
+    pv_base = PV + b64 * spvb + hk64 * spvh
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        pp, pk = _prefix_probs(q, pk_base, spkn, offs_p, offs_d, mask_p, mask_d, lse_p, qk_scale, DOT_PREC)
+        pv = tl.load(pv_base + offs_p[:, None] * spvn + offs_d[None, :], mask=mask_p[:, None] & mask_d[None, :],
+                     other=0.0)
+        dpp = tl.dot(do, tl.trans(pv), input_precision=DOT_PREC) * g
+        dsp = pp * (dpp - delta_p[:, None])
+        dq += tl.dot(dsp.to(dtype), pk, input_precision=DOT_PREC)
+    dq = dq * (qk_scale * _LN2)
+    tl.store(DQ + b64 * sdqb + h64 * sdqh + offs_m[:, None] * sdqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=qmask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers. Configurations compile for sm_90 without spills (python -m fastbridge.sm90_check).
+# --------------------------------------------------------------------------------------------------
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _s4(t: torch.Tensor, broadcast_batch: bool = False):
+    """(batch, head, row) strides; batch stride 0 for a (1, ...) tensor broadcast over the batch."""
+    return (0 if broadcast_batch else t.stride(0)), t.stride(1), t.stride(2)
+
+
+def _kpm_arg(kpm, dummy):
+    return (kpm.contiguous().view(torch.uint8), True) if kpm is not None else (dummy, False)
+
+
+def fwd_config(D: int, Lq: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward kernel."""
+    block_m = 128 if Lq > 64 and D <= 128 else 64
+    if Lq <= 16:
+        block_m = 16
+    block_n = 64 if D <= 128 else 32
+    return block_m, block_n, 8 if block_m == 128 or D > 128 else 4, 2
+
+
+def bwd_config(D: int) -> dict[str, tuple[int, int, int, int]]:
+    """Per backward kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_N unused by "pre"."""
+    if D <= 64:
+        c = (64, 64, 4, 2)
+        return {"pre": c, "dkdv": c, "dq": c}
+    if D <= 128:
+        return {"pre": (32, 0, 8, 1), "dkdv": (32, 64, 8, 2), "dq": (64, 64, 8, 2)}
+    c = (32, 32, 8, 1)
+    return {"pre": c, "dkdv": c, "dq": c}
+
+
+def _prefix_block(P: int) -> int:
+    return pow2_at_least(min(P, 64))
+
+
+def gated_attention_forward(q, k, v, pk, pv, g, causal, scale, kpm):
+    B, H, Lq, D = q.shape
+    Hkv, Lk, P = k.shape[1], k.shape[2], pk.shape[2]
+    q, k, v, pk, pv = (_unit_last(t) for t in (q, k, v, pk, pv))
+    out = empty((B, H, Lq, D), q.dtype, q.device)
+    lse_m = empty((B, H, Lq), torch.float32, q.device)
+    lse_p = empty((B, H, Lq), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse_m, lse_p
+    g = g.float().contiguous()
+    kpm_t, has_kpm = _kpm_arg(kpm, q)
+    block_m, block_n, warps, stages = fwd_config(D, Lq)
+    shared = pk.shape[0] == 1 and B > 1
+    _gated_attn_fwd_kernel[(triton.cdiv(Lq, block_m), B * H)](
+        q, k, v, pk, pv, g, kpm_t, out, lse_m, lse_p,
+        *_s4(q), *_s4(k), *_s4(v), *_s4(pk, shared), *_s4(pv, shared), *_s4(out),
+        H, H // Hkv, Lq, Lk, P, D, scale * math.log2(math.e),
+        CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=_prefix_block(P),
+        BLOCK_D=pow2_at_least(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )
+    return out, lse_m, lse_p
+
+
+def gated_attention_backward(dout, q, k, v, pk, pv, g, out, lse_m, lse_p, causal, scale, kpm):
+    B, H, Lq, D = q.shape
+    Hkv, Lk, P = k.shape[1], k.shape[2], pk.shape[2]
+    Bp = pk.shape[0]
+    dev = q.device
+    q, k, v, pk, pv, out, dout = (_unit_last(t) for t in (q, k, v, pk, pv, out, dout))
+    g32 = g.float().contiguous()
+    group = H // Hkv
+    dq = empty(q.shape, q.dtype, dev)
+    dk = empty(k.shape, k.dtype, dev)
+    dv = empty(v.shape, v.dtype, dev)
+    if B * H * Lq == 0:
+        zeros = [torch.zeros_like(t) for t in (k, v, pk, pv)]
+        return (dq, zeros[0], zeros[1], zeros[2], zeros[3], torch.zeros_like(g))
+    kpm_t, has_kpm = _kpm_arg(kpm, q)
+    shared = Bp == 1 and B > 1
+    qk_scale = scale * math.log2(math.e)
+    prec = dot_precision(q.dtype)
+    cfg = bwd_config(D)
+    block_d = pow2_at_least(D)
+    block_p = _prefix_block(P)
+
+    # pre: Δ's, dg and d prefix partials. Row chunks sized for ~4 programs per SM overall.
+    delta_m = empty((B, H, Lq), torch.float32, dev)
+    delta_p = empty((B, H, Lq), torch.float32, dev)
+    block_m, _, warps, _ = cfg["pre"]
+    n_tiles = triton.cdiv(Lq, block_m)
+    chunks = max(1, min(n_tiles, triton.cdiv(4 * sm_count(dev), B * H)))
+    rows_per_prog = triton.cdiv(n_tiles, chunks) * block_m
+    chunks = triton.cdiv(Lq, rows_per_prog)
+    dg_part = empty((chunks, B, H), torch.float32, dev)
+    dpk_part = empty((chunks, B, H, P, D), torch.float32, dev)
+    dpv_part = empty((chunks, B, H, P, D), torch.float32, dev)
+    _gated_attn_bwd_pre_kernel[(chunks, B * H)](
+        q, pk, pv, g32, out, dout, lse_p, delta_m, delta_p, dg_part, dpk_part, dpv_part,
+        *_s4(q), *_s4(pk, shared), *_s4(pv, shared), *_s4(out), *_s4(dout),
+        H, Lq, P, D, rows_per_prog, qk_scale,
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, DOT_PREC=prec, GROUP=group, num_warps=warps,
+    )
+
+    if Lk > 0:
+        block_m, block_n, warps, stages = cfg["dkdv"]
+        _gated_attn_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), B * Hkv)](
+            q, k, v, dout, kpm_t, lse_m, delta_m, dk, dv,
+            *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
+            H, Hkv, Lq, Lk, D, qk_scale,
+            GROUP=group, CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            DOT_PREC=prec, num_warps=warps, num_stages=stages,
+        )
+    block_m, block_n, warps, stages = cfg["dq"]
+    _gated_attn_bwd_dq_kernel[(triton.cdiv(Lq, block_m), B * H)](
+        q, k, v, pk, pv, g32, dout, kpm_t, lse_m, lse_p, delta_m, delta_p, dq,
+        *_s4(q), *_s4(k), *_s4(v), *_s4(pk, shared), *_s4(pv, shared), *_s4(dout), *_s4(dq),
+        H, group, Lq, Lk, P, D, qk_scale,
+        CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_D=block_d,
+        DOT_PREC=prec, num_warps=warps, num_stages=stages,
+    )
+
+    # Reduce the prefix partials: over chunks, the GQA group's query heads and (shared prompt) the batch.
+    def reduce_prefix(part):
+        t = part.sum(0).view(B, Hkv, group, P, D).sum(2)
+        return t.sum(0, keepdim=True) if Bp == 1 else t
+
+    dpk = reduce_prefix(dpk_part).to(pk.dtype)
+    dpv = reduce_prefix(dpv_part).to(pv.dtype)
+    dg = dg_part.sum((0, 1)).to(g.dtype)
+    return dq, dk, dv, dpk, dpv, dg

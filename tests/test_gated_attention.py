@@ -1,0 +1,196 @@
+"""fastbridge.ops.gated_attention: fused kernels against the float64 reference, every gradient."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastbridge
+from fastbridge import reference as R
+from fastbridge.ops import gated_attention
+
+from conftest import assert_close, kernel_cases, kernel_devices, needs_kernels
+
+# (B, H, Hkv, Lq, Lk, P, D, options)
+CASES = [
+    pytest.param(2, 4, 2, 37, 37, 3, 32, dict(), id="gqa-causal-shared"),
+    pytest.param(2, 3, 3, 19, 45, 10, 16, dict(per_sample=True), id="mha-decode-rect-per-sample"),
+    pytest.param(3, 4, 1, 21, 21, 1, 64, dict(kpm=True, gate="scalar"), id="mqa-padding-P1"),
+    pytest.param(2, 2, 2, 70, 70, 5, 32, dict(causal=False, kpm=True, gate_fn="identity"), id="noncausal-pad-id"),
+    pytest.param(1, 2, 1, 1, 83, 7, 64, dict(), id="decode-Lq1"),
+    pytest.param(2, 2, 2, 30, 12, 4, 32, dict(), id="Lq-gt-Lk-empty-rows"),
+    pytest.param(1, 2, 2, 33, 33, 17, 128, dict(per_sample=True, kpm=True), id="d128-P17"),
+    pytest.param(1, 2, 1, 9, 9, 2, 48, dict(gate="one"), id="d48-non-pow2"),
+]
+
+
+def make_inputs(B, H, Hkv, Lq, Lk, P, D, opts, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+    Bp = B if opts.get("per_sample") else 1
+    gate_shape = {"scalar": (), "one": (1,)}.get(opts.get("gate"), (H,))
+    t = dict(q=rnd(B, H, Lq, D), k=rnd(B, Hkv, Lk, D), v=rnd(B, Hkv, Lk, D), prefix_k=rnd(Bp, Hkv, P, D),
+             prefix_v=rnd(Bp, Hkv, P, D), gate=rnd(*gate_shape, scale=0.7))
+    kpm = None
+    if opts.get("kpm"):
+        kpm = torch.rand(B, Lk, generator=g) > 0.3
+        kpm[0, :] = False  # a sample with every key padded: main branch must give 0, not NaN
+        kpm = kpm.to(device)
+    kw = dict(causal=opts.get("causal", True), gate_fn=opts.get("gate_fn", "tanh"), key_padding_mask=kpm)
+    return t, kw
+
+
+NAMES = ("q", "k", "v", "prefix_k", "prefix_v", "gate")
+
+
+def run(t, kw, dout, backend):
+    leaves = {n: t[n].detach().clone().requires_grad_(True) for n in NAMES}
+    with fastbridge.use_backend(backend):
+        out = gated_attention(*[leaves[n] for n in NAMES], **kw)
+    grads = torch.autograd.grad(out, list(leaves.values()), dout)
+    return out, dict(zip(NAMES, grads))
+
+
+def reference64(t, kw, dout):
+    leaves = {n: t[n].detach().double().cpu().requires_grad_(True) for n in NAMES}
+    kw64 = dict(kw, key_padding_mask=None if kw["key_padding_mask"] is None else kw["key_padding_mask"].cpu())
+    out = R.gated_attention(*[leaves[n] for n in NAMES], **kw64)
+    grads = torch.autograd.grad(out, list(leaves.values()), dout.detach().double().cpu())
+    return out, dict(zip(NAMES, grads))
+
+
+@needs_kernels
+@pytest.mark.parametrize("device,dtype", kernel_cases())
+@pytest.mark.parametrize("B,H,Hkv,Lq,Lk,P,D,opts", CASES)
+def test_kernel_matches_float64_reference(device, dtype, B, H, Hkv, Lq, Lk, P, D, opts):
+    t, kw = make_inputs(B, H, Hkv, Lq, Lk, P, D, opts, dtype, device)
+    dout = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+    out, grads = run(t, kw, dout, "kernel")
+    out64, g64 = reference64(t, kw, dout)
+    assert out.dtype == dtype and out.shape == (B, H, Lq, D)
+    assert_close(out, out64, dtype, "out")
+    for n in NAMES:
+        assert grads[n].shape == t[n].shape and grads[n].dtype == t[n].dtype, n
+        assert_close(grads[n], g64[n], dtype, f"d{n}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("device,dtype", kernel_cases()[:1])
+def test_zero_gate_is_plain_causal_attention_and_still_trains(device, dtype):
+    t, kw = make_inputs(2, 4, 2, 24, 24, 5, 32, dict(), dtype, device)
+    t["gate"] = torch.zeros(4, dtype=dtype, device=device)
+    dout = torch.randn(2, 4, 24, 32, dtype=dtype, device=device)
+    out, grads = run(t, kw, dout, "kernel")
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        t["q"], t["k"].repeat_interleave(2, 1), t["v"].repeat_interleave(2, 1), is_causal=True)
+    assert_close(out, sdpa, dtype, "out vs SDPA causal")
+    _, g64 = reference64(t, kw, dout)
+    assert g64["gate"].abs().min() > 0  # the zero gate gets a gradient
+    assert_close(grads["gate"], g64["gate"], dtype, "dgate")
+    assert grads["prefix_k"].abs().max() == 0 and grads["prefix_v"].abs().max() == 0  # tanh(0) = 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("device,dtype", kernel_cases()[:1])
+def test_strided_inputs_hf_layout(device, dtype):
+    """q/k/v as transformers produces them: (B, L, H, D) projections viewed as (B, H, L, D)."""
+    B, H, Hkv, L, P, D = 2, 4, 2, 13, 3, 16
+    t, kw = make_inputs(B, H, Hkv, L, L, P, D, dict(), dtype, device)
+    for n in ("q", "k", "v"):
+        t[n] = t[n].transpose(1, 2).contiguous().transpose(1, 2)
+        assert not t[n].is_contiguous()
+    dout = torch.randn(B, L, H, D, dtype=dtype, device=device).transpose(1, 2)
+    out, grads = run(t, kw, dout, "kernel")
+    out64, g64 = reference64(t, kw, dout)
+    assert_close(out, out64, dtype, "out")
+    for n in NAMES:
+        assert_close(grads[n], g64[n], dtype, f"d{n}")
+
+
+@needs_kernels
+def test_opcheck():
+    device = kernel_devices()[0]
+    t, kw = make_inputs(2, 4, 2, 9, 11, 3, 16, dict(kpm=True), torch.float32, device)
+    g = torch.tanh(t["gate"].float())
+    args = [t[n].detach().requires_grad_(True) for n in NAMES[:5]] + [g.detach().requires_grad_(True)]
+    torch.library.opcheck(torch.ops.fastbridge.gated_attention.default,
+                          (*args, True, 0.25, kw["key_padding_mask"]))
+
+
+@needs_kernels
+def test_torch_compile_fullgraph():
+    device = kernel_devices()[0]
+    t, kw = make_inputs(1, 2, 1, 8, 8, 2, 16, dict(), torch.float32, device)
+    leaves = [t[n].detach().requires_grad_(True) for n in NAMES]
+
+    def f(*xs):
+        return gated_attention(*xs, causal=True)
+
+    with fastbridge.use_backend("kernel"):
+        eager = f(*leaves)
+        torch._dynamo.reset()
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(torch.autograd.grad(compiled.sum(), leaves), torch.autograd.grad(eager.sum(), leaves)):
+        torch.testing.assert_close(a, b)
+
+
+def test_reference_backend_matches_float64():
+    t, kw = make_inputs(2, 4, 2, 11, 11, 3, 16, dict(kpm=True), torch.float32, "cpu")
+    dout = torch.randn(2, 4, 11, 16)
+    out, grads = run(t, kw, dout, "reference")
+    out64, g64 = reference64(t, kw, dout)
+    assert_close(out, out64, torch.float32, "out")
+    for n in NAMES:
+        assert_close(grads[n], g64[n], torch.float32, f"d{n}")
+
+
+def test_reference_no_nan_for_fully_padded_rows():
+    t, kw = make_inputs(3, 4, 1, 21, 21, 1, 64, dict(kpm=True), torch.float64, "cpu")
+    out = R.gated_attention(*[t[n] for n in NAMES], **kw)
+    assert torch.isfinite(out).all()
+    # Sample 0 has every key padded: its output is the gated prefix branch alone.
+    pref = torch.softmax(t["q"][0] @ t["prefix_k"][0].repeat_interleave(4, 0).transpose(-1, -2) * 64 ** -0.5, -1)
+    expect = torch.tanh(t["gate"]).reshape(-1, 1, 1) * (pref @ t["prefix_v"][0].repeat_interleave(4, 0))
+    torch.testing.assert_close(out[0], expect)
+
+
+# ---------------------------------------------------------------------------------------- bad input
+def _good():
+    return make_inputs(2, 4, 2, 5, 7, 3, 16, dict(), torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("change,arg,fragment", [
+    (dict(q=torch.randn(2, 4, 5)), "q", "4-d tensor"),
+    (dict(k=torch.randn(2, 3, 7, 16)), "k", "dividing q's 4 heads"),
+    (dict(k=torch.randn(2, 2, 7, 8)), "k", "(B, Hkv, Lk, D) = (2, Hkv, Lk, 16)"),
+    (dict(v=torch.randn(2, 2, 6, 16)), "v", "k's shape"),
+    (dict(prefix_k=torch.randn(3, 2, 3, 16)), "prefix_k", "(1 or 2, 2, P >= 1, 16)"),
+    (dict(prefix_k=torch.randn(1, 2, 0, 16), prefix_v=torch.randn(1, 2, 0, 16)), "prefix_k", "P >= 1"),
+    (dict(prefix_v=torch.randn(1, 2, 4, 16)), "prefix_v", "prefix_k's shape"),
+    (dict(gate=torch.zeros(3)), "gate", "shape () or (1,) or (4,)"),
+    (dict(v=torch.randn(2, 2, 7, 16, dtype=torch.float64)), "v", "q's dtype torch.float32"),
+])
+def test_bad_input_names_the_argument(change, arg, fragment):
+    t, kw = _good()
+    t.update(change)
+    with pytest.raises(ValueError) as e:
+        gated_attention(*[t[n] for n in NAMES], **kw)
+    assert f"'{arg}'" in str(e.value) and fragment in str(e.value), str(e.value)
+
+
+def test_bad_options_name_the_argument():
+    t, kw = _good()
+    args = [t[n] for n in NAMES]
+    with pytest.raises(ValueError, match="'gate_fn' must be one of"):
+        gated_attention(*args, gate_fn="sigmoid")
+    with pytest.raises(ValueError, match="'key_padding_mask' must be a bool tensor"):
+        gated_attention(*args, key_padding_mask=torch.ones(2, 7))
+    with pytest.raises(ValueError, match=r"'key_padding_mask' must be of shape \(B, Lk\) = \(2, 7\)"):
+        gated_attention(*args, key_padding_mask=torch.ones(2, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="'scale' must be None or a positive float"):
+        gated_attention(*args, scale=-1.0)
+    with pytest.raises(ValueError, match="'causal' must be a bool"):
+        gated_attention(*args, causal=1)
