@@ -130,6 +130,19 @@ def gated_attention_configs(arch: int = 90):
             c = dict(CAUSAL=True, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee")
             yield ("gated_attn_fwd", f"D={D} Lq={Lq} BM={bm} BN={bn} warps={warps}", K._gated_attn_fwd_kernel, sig,
                    c, warps, stages)
+        bm, bn, warps, stages = K.fwd_config(D, 1)  # decode: split-K + combine
+        sig = dict(Q=p, K=p, V=p, KPM="*u8", ACC_PART=f, ML_PART=f,
+                   **strides("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "H", "GROUP", "Lq", "Lk",
+                             "D", "keys_per_split"), qk_scale="fp32")
+        c = dict(CAUSAL=True, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC="ieee")
+        yield ("gated_attn_fwd_split", f"D={D} BM={bm} BN={bn} warps={warps}", K._gated_attn_fwd_split_kernel, sig,
+               c, warps, stages)
+        sig = dict(Q=p, PK=p, PV=p, G=f, ACC_PART=f, ML_PART=f, OUT=p, LSE_M=f, LSE_P=f,
+                   **strides("sqb", "sqh", "sqm", "spkb", "spkh", "spkn", "spvb", "spvh", "spvn", "sob", "soh", "som",
+                             "H", "GROUP", "Lq", "P", "D", "n_splits"), qk_scale="fp32")
+        c = dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee")
+        yield ("gated_attn_fwd_combine", f"D={D} BM={bm} warps={warps}", K._gated_attn_fwd_combine_kernel, sig, c,
+               warps, 1)
         bcfg = K.bwd_config(D)
         bm, bn, warps, stages = bcfg["pre"]
         cfg = f"D={D} BM={bm} warps={warps}"

@@ -10,7 +10,9 @@ stride 0 (broadcast, never copied). Any strides with a unit last stride.
 Forward (one kernel, a program per (query tile, b·h)): one pass over the P prefix keys and one over
 the main keys with two online-softmax states (exp2 domain); bottom-right causal mask (query i sees
 j <= i + Lk - Lq), key padding mask; a row with no visible main key gets 0 (and lse = -inf). Saves
-lse_main and lse_prefix (B, H, Lq) fp32.
+lse_main and lse_prefix (B, H, Lq) fp32. Decode (Lq within one query tile, a long cache, few B·H
+programs): the main keys are split across programs (split kernel, unnormalised partials) and a
+combine kernel merges them by log-sum-exp rescaling and adds the gated prefix branch.
 
 Backward, FlashAttention-2 style recomputation from the saved statistics:
   pre    per (row chunk, b·h): o_p recomputed (P is tiny), o_m = out - g·o_p, Δm = rowsum(dO·o_m),
@@ -55,6 +57,75 @@ def _causal_hi(start_m, Lq, Lk, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _prefix_pass(q, pk_base, pv_base, spkn, spvn, P, offs_d, mask_d, qk_scale,
+                 BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Prefix branch, every prefix key visible: returns (softmax(q pkᵀ·s) pv, m, l) in the exp2 domain."""
+    m_p = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_p = tl.zeros([BLOCK_M], tl.float32)
+    acc_p = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        pk = tl.load(pk_base + offs_p[:, None] * spkn + offs_d[None, :], mask=mask_p[:, None] & mask_d[None, :],
+                     other=0.0)
+        s = tl.dot(q, tl.trans(pk), input_precision=DOT_PREC) * qk_scale
+        s = tl.where(mask_p[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_p, tl.max(s, 1))
+        alpha = tl.exp2(m_p - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_p = l_p * alpha + tl.sum(p, 1)
+        pv = tl.load(pv_base + offs_p[:, None] * spvn + offs_d[None, :], mask=mask_p[:, None] & mask_d[None, :],
+                     other=0.0)
+        acc_p = acc_p * alpha[:, None] + tl.dot(p.to(pv.dtype), pv, input_precision=DOT_PREC)
+        m_p = m_new
+    return acc_p / l_p[:, None], m_p, l_p
+
+
+@triton.jit
+def _main_pass(q, k_base, v_base, skn, svn, lo, hi, offs_m, offs_d, mask_d, b, Lq, Lk, KPM, qk_scale,
+               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax over main keys [lo, hi): returns unnormalised (acc, m, l); l = 0 where nothing was seen."""
+    m_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_m = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        vis = _main_mask(offs_m, offs_n, b, Lq, Lk, KPM, CAUSAL, HAS_KPM) & mask_n[None, :]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_m = l_m * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                    other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_m = m_new
+    return acc, m_m, l_m
+
+
+@triton.jit
+def _fwd_epilogue(acc, m_m, l_m, o_p, m_p, l_p, G, OUT, LSE_M, LSE_P, b64, h64, pid_bh, offs_m, offs_d, mask_m,
+                  mask_d, sob, soh, som, Lq):
+    """out = o_m + g·o_p (o_m = 0 for rows with no visible key); both log-sum-exps (natural log)."""
+    has_keys = l_m > 0.0
+    o_m = acc / tl.where(has_keys, l_m, 1.0)[:, None]
+    g = tl.load(G + h64).to(tl.float32)
+    out = o_m + g * o_p
+    tl.store(OUT + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :], out.to(OUT.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+    row = pid_bh.to(tl.int64) * Lq + offs_m
+    lse_m = tl.where(has_keys, (m_m + tl.log2(tl.where(has_keys, l_m, 1.0))) * _LN2, float("-inf"))
+    tl.store(LSE_M + row, lse_m, mask=mask_m)
+    tl.store(LSE_P + row, (m_p + tl.log2(l_p)) * _LN2, mask=mask_m)
+
+
+@triton.jit
 def _gated_attn_fwd_kernel(
     Q, K, V, PK, PV, G, KPM, OUT, LSE_M, LSE_P,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, spkb, spkh, spkn, spvb, spvh, spvn, sob, soh, som,
@@ -74,68 +145,88 @@ def _gated_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < Lq
     mask_d = offs_d < D
-    dtype = Q.dtype.element_ty
-
     q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    o_p, m_p, l_p = _prefix_pass(q, PK + b64 * spkb + hk64 * spkh, PV + b64 * spvb + hk64 * spvh, spkn, spvn, P,
+                                 offs_d, mask_d, qk_scale, BLOCK_M, BLOCK_P, BLOCK_D, DOT_PREC)
+    hi = _causal_hi(start_m, Lq, Lk, BLOCK_M, CAUSAL)
+    acc, m_m, l_m = _main_pass(q, K + b64 * skb + hk64 * skh, V + b64 * svb + hk64 * svh, skn, svn, 0, hi, offs_m,
+                               offs_d, mask_d, b, Lq, Lk, KPM, qk_scale, CAUSAL, HAS_KPM, BLOCK_M, BLOCK_N, BLOCK_D,
+                               DOT_PREC)
+    _fwd_epilogue(acc, m_m, l_m, o_p, m_p, l_p, G, OUT, LSE_M, LSE_P, b64, h64, pid_bh, offs_m, offs_d, mask_m,
+                  mask_d, sob, soh, som, Lq)
 
-    # Prefix branch: every prefix key is visible to every query.
-    m_p = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_p = tl.zeros([BLOCK_M], tl.float32)
-    acc_p = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    pk_base = PK + b64 * spkb + hk64 * spkh
-    pv_base = PV + b64 * spvb + hk64 * spvh
-    for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < P
-        pk = tl.load(pk_base + offs_p[:, None] * spkn + offs_d[None, :], mask=mask_p[:, None] & mask_d[None, :],
-                     other=0.0)
-        s = tl.dot(q, tl.trans(pk), input_precision=DOT_PREC) * qk_scale
-        s = tl.where(mask_p[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_p, tl.max(s, 1))
-        alpha = tl.exp2(m_p - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_p = l_p * alpha + tl.sum(p, 1)
-        pv = tl.load(pv_base + offs_p[:, None] * spvn + offs_d[None, :], mask=mask_p[:, None] & mask_d[None, :],
-                     other=0.0)
-        acc_p = acc_p * alpha[:, None] + tl.dot(p.to(dtype), pv, input_precision=DOT_PREC)
-        m_p = m_new
-    o_p = acc_p / l_p[:, None]
 
-    # Main branch: causal / padded keys; a row with no visible key stays at l = 0 -> contributes 0.
+@triton.jit
+def _gated_attn_fwd_split_kernel(
+    Q, K, V, KPM, ACC_PART, ML_PART,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+    H, GROUP, Lq, Lk, D, keys_per_split, qk_scale,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Decode (Lq <= BLOCK_M): the main keys split across programs; unnormalised partials out."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < Lq
+    mask_d = offs_d < D
+    q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    lo = pid_s * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, _causal_hi(0, Lq, Lk, BLOCK_M, CAUSAL))
+    acc, m_m, l_m = _main_pass(q, K + b64 * skb + hk64 * skh, V + b64 * svb + hk64 * svh, skn, svn, lo, hi, offs_m,
+                               offs_d, mask_d, b, Lq, Lk, KPM, qk_scale, CAUSAL, HAS_KPM, BLOCK_M, BLOCK_N, BLOCK_D,
+                               DOT_PREC)
+    part = pid_s.to(tl.int64) * tl.num_programs(1) + pid_bh
+    tl.store(ACC_PART + (part * BLOCK_M + offs_m[:, None]) * BLOCK_D + offs_d[None, :], acc)
+    tl.store(ML_PART + (part * 2) * BLOCK_M + offs_m, m_m)
+    tl.store(ML_PART + (part * 2 + 1) * BLOCK_M + offs_m, l_m)
+
+
+@triton.jit
+def _gated_attn_fwd_combine_kernel(
+    Q, PK, PV, G, ACC_PART, ML_PART, OUT, LSE_M, LSE_P,
+    sqb, sqh, sqm, spkb, spkh, spkn, spvb, spvh, spvn, sob, soh, som,
+    H, GROUP, Lq, P, D, n_splits, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Merge the split partials (log-sum-exp rescaling), add the gated prefix branch, write out."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < Lq
+    mask_d = offs_d < D
+    q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    o_p, m_p, l_p = _prefix_pass(q, PK + b64 * spkb + hk64 * spkh, PV + b64 * spvb + hk64 * spvh, spkn, spvn, P,
+                                 offs_d, mask_d, qk_scale, BLOCK_M, BLOCK_P, BLOCK_D, DOT_PREC)
     m_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_m = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    k_base = K + b64 * skb + hk64 * skh
-    v_base = V + b64 * svb + hk64 * svh
-    hi = _causal_hi(start_m, Lq, Lk, BLOCK_M, CAUSAL)
-    for n0 in range(0, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < Lk
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                    other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        s = tl.where(_main_mask(offs_m, offs_n, b, Lq, Lk, KPM, CAUSAL, HAS_KPM), s, float("-inf"))
-        m_new = tl.maximum(m_m, tl.max(s, 1))
+    for s_i in range(0, n_splits):
+        part = pid_bh.to(tl.int64) + s_i * tl.num_programs(0)
+        m_s = tl.load(ML_PART + (part * 2) * BLOCK_M + offs_m)
+        l_s = tl.load(ML_PART + (part * 2 + 1) * BLOCK_M + offs_m)
+        acc_s = tl.load(ACC_PART + (part * BLOCK_M + offs_m[:, None]) * BLOCK_D + offs_d[None, :])
+        m_new = tl.maximum(m_m, m_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_m = l_m * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                    other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=DOT_PREC)
+        a_old = tl.exp2(m_m - m_safe)
+        a_new = tl.exp2(m_s - m_safe)
+        l_m = l_m * a_old + l_s * a_new
+        acc = acc * a_old[:, None] + acc_s * a_new[:, None]
         m_m = m_new
-    has_keys = l_m > 0.0
-    o_m = acc / tl.where(has_keys, l_m, 1.0)[:, None]
-
-    g = tl.load(G + h).to(tl.float32)
-    out = o_m + g * o_p
-    tl.store(OUT + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :], out.to(OUT.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])
-    row = pid_bh.to(tl.int64) * Lq + offs_m
-    lse_m = tl.where(has_keys, (m_m + tl.log2(tl.where(has_keys, l_m, 1.0))) * _LN2, float("-inf"))
-    tl.store(LSE_M + row, lse_m, mask=mask_m)
-    tl.store(LSE_P + row, (m_p + tl.log2(l_p)) * _LN2, mask=mask_m)
+    _fwd_epilogue(acc, m_m, l_m, o_p, m_p, l_p, G, OUT, LSE_M, LSE_P, b64, h64, pid_bh, offs_m, offs_d, mask_m,
+                  mask_d, sob, soh, som, Lq)
 
 
 @triton.jit
@@ -367,6 +458,15 @@ def bwd_config(D: int) -> dict[str, tuple[int, int, int, int]]:
     return {"pre": c, "dkdv": c, "dq": c}
 
 
+def decode_splits(programs: int, Lq: int, Lk: int, block_m: int, block_n: int, device) -> int:
+    """Key splits for the forward: > 1 only when one query tile covers Lq (decode) and B·H programs
+    alone would leave most of the GPU idle; each split keeps >= 4 key blocks."""
+    if Lq > block_m or Lk <= 4 * block_n:
+        return 1
+    want = triton.cdiv(2 * sm_count(device), programs)
+    return max(1, min(want, Lk // (4 * block_n)))
+
+
 def _prefix_block(P: int) -> int:
     return pow2_at_least(min(P, 64))
 
@@ -384,12 +484,36 @@ def gated_attention_forward(q, k, v, pk, pv, g, causal, scale, kpm):
     kpm_t, has_kpm = _kpm_arg(kpm, q)
     block_m, block_n, warps, stages = fwd_config(D, Lq)
     shared = pk.shape[0] == 1 and B > 1
-    _gated_attn_fwd_kernel[(triton.cdiv(Lq, block_m), B * H)](
-        q, k, v, pk, pv, g, kpm_t, out, lse_m, lse_p,
-        *_s4(q), *_s4(k), *_s4(v), *_s4(pk, shared), *_s4(pv, shared), *_s4(out),
-        H, H // Hkv, Lq, Lk, P, D, scale * math.log2(math.e),
-        CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=_prefix_block(P),
-        BLOCK_D=pow2_at_least(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+    block_d, block_p = pow2_at_least(D), _prefix_block(P)
+    qk_scale = scale * math.log2(math.e)
+    prec = dot_precision(q.dtype)
+    splits = decode_splits(B * H, Lq, Lk, block_m, block_n, q.device)
+    if splits == 1:
+        _gated_attn_fwd_kernel[(triton.cdiv(Lq, block_m), B * H)](
+            q, k, v, pk, pv, g, kpm_t, out, lse_m, lse_p,
+            *_s4(q), *_s4(k), *_s4(v), *_s4(pk, shared), *_s4(pv, shared), *_s4(out),
+            H, H // Hkv, Lq, Lk, P, D, qk_scale,
+            CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p,
+            BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps, num_stages=stages,
+        )
+        return out, lse_m, lse_p
+    # Decode: split the keys so that B·H·splits programs fill the GPU (flash-decoding).
+    keys_per_split = triton.cdiv(triton.cdiv(Lk, splits), block_n) * block_n
+    splits = triton.cdiv(Lk, keys_per_split)
+    acc_part = empty((splits, B * H, block_m, block_d), torch.float32, q.device)
+    ml_part = empty((splits, B * H, 2, block_m), torch.float32, q.device)
+    _gated_attn_fwd_split_kernel[(splits, B * H)](
+        q, k, v, kpm_t, acc_part, ml_part,
+        *_s4(q), *_s4(k), *_s4(v),
+        H, H // Hkv, Lq, Lk, D, keys_per_split, qk_scale,
+        CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PREC=prec,
+        num_warps=warps, num_stages=stages,
+    )
+    _gated_attn_fwd_combine_kernel[(B * H,)](
+        q, pk, pv, g, acc_part, ml_part, out, lse_m, lse_p,
+        *_s4(q), *_s4(pk, shared), *_s4(pv, shared), *_s4(out),
+        H, H // Hkv, Lq, P, D, splits, qk_scale,
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps,
     )
     return out, lse_m, lse_p
 

@@ -17,6 +17,9 @@ CASES = [
     pytest.param(3, 4, 1, 21, 21, 1, 64, dict(kpm=True, gate="scalar"), id="mqa-padding-P1"),
     pytest.param(2, 2, 2, 70, 70, 5, 32, dict(causal=False, kpm=True, gate_fn="identity"), id="noncausal-pad-id"),
     pytest.param(1, 2, 1, 1, 83, 7, 64, dict(), id="decode-Lq1"),
+    # Long caches at small B·H take the split-K decode path (split + combine kernels).
+    pytest.param(1, 2, 1, 1, 600, 3, 32, dict(), id="decode-split"),
+    pytest.param(1, 4, 2, 5, 777, 4, 16, dict(kpm="partial", per_sample=True), id="decode-split-Lq5-pad"),
     pytest.param(2, 2, 2, 30, 12, 4, 32, dict(), id="Lq-gt-Lk-empty-rows"),
     pytest.param(1, 2, 2, 33, 33, 17, 128, dict(per_sample=True, kpm=True), id="d128-P17"),
     pytest.param(1, 2, 1, 9, 9, 2, 48, dict(gate="one"), id="d48-non-pow2"),
@@ -36,7 +39,8 @@ def make_inputs(B, H, Hkv, Lq, Lk, P, D, opts, dtype, device, seed=0):
     kpm = None
     if opts.get("kpm"):
         kpm = torch.rand(B, Lk, generator=g) > 0.3
-        kpm[0, :] = False  # a sample with every key padded: main branch must give 0, not NaN
+        if opts["kpm"] != "partial":
+            kpm[0, :] = False  # a sample with every key padded: main branch must give 0, not NaN
         kpm = kpm.to(device)
     kw = dict(causal=opts.get("causal", True), gate_fn=opts.get("gate_fn", "tanh"), key_padding_mask=kpm)
     return t, kw
@@ -135,6 +139,17 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(torch.autograd.grad(compiled.sum(), leaves), torch.autograd.grad(eager.sum(), leaves)):
         torch.testing.assert_close(a, b)
+
+
+def test_decode_cases_take_the_split_path():
+    from fastbridge.kernels.gated_attention import decode_splits, fwd_config
+
+    for B, H, Lq, Lk, D in ((1, 2, 1, 600, 32), (1, 4, 5, 777, 16)):
+        bm, bn, _, _ = fwd_config(D, Lq)
+        assert decode_splits(B * H, Lq, Lk, bm, bn, torch.device("cpu")) > 1
+    # and a long prefill never does
+    bm, bn, _, _ = fwd_config(128, 4096)
+    assert decode_splits(32, 4096, 4096, bm, bn, torch.device("cpu")) == 1
 
 
 def test_reference_backend_matches_float64():
