@@ -82,30 +82,63 @@ def _prefix_pass(q, pk_base, pv_base, spkn, spvn, P, offs_d, mask_d, qk_scale,
 
 
 @triton.jit
-def _main_pass(q, k_base, v_base, skn, svn, lo, hi, offs_m, offs_d, mask_d, b, Lq, Lk, KPM, qk_scale,
-               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Online softmax over main keys [lo, hi): returns unnormalised (acc, m, l); l = 0 where nothing was seen."""
-    m_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_m = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+def _unmasked_hi(start_m, lo, hi, Lq, Lk, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """End of the key range [lo, .) that every query row of the tile sees in full (whole BLOCK_N
+    blocks from lo, in bounds, below the causal diagonal, no padding mask): no masking needed there."""
+    if HAS_KPM:
+        return lo
+    end = hi
+    if CAUSAL:
+        end = tl.minimum(end, start_m + (Lk - Lq) + 1)  # the tile's first row sees keys < this
+    return tl.maximum(lo + (end - lo) // BLOCK_N * BLOCK_N, lo)
+
+
+@triton.jit
+def _main_pass(q, k_base, v_base, skn, svn, lo, hi, acc, m_m, l_m, offs_m, offs_d, mask_d, b, Lq, Lk, KPM,
+               qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    """Online softmax over main keys [lo, hi), continuing (acc, m, l); l stays 0 where nothing is seen.
+    MASKED=False is for ranges _unmasked_hi vouches for: no per-element masks at all."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < hi
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                    other=0.0)
+        if MASKED:
+            mask_n = offs_n < hi
+            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                        other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=mask_d[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        vis = _main_mask(offs_m, offs_n, b, Lq, Lk, KPM, CAUSAL, HAS_KPM) & mask_n[None, :]
-        s = tl.where(vis, s, float("-inf"))
+        if MASKED:
+            vis = _main_mask(offs_m, offs_n, b, Lq, Lk, KPM, CAUSAL, HAS_KPM) & mask_n[None, :]
+            s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_m - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_m = l_m * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                    other=0.0)
+        if MASKED:
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                        other=0.0)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=mask_d[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_m = m_new
+    return acc, m_m, l_m
+
+
+@triton.jit
+def _main_attention(q, k_base, v_base, skn, svn, start_m, lo, hi, offs_m, offs_d, mask_d, b, Lq, Lk, KPM, qk_scale,
+                    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Main branch over keys [lo, hi): the unmasked blocks first, then the diagonal / ragged / padded ones."""
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_m = tl.zeros([BLOCK_M], tl.float32)
+    mid = _unmasked_hi(start_m, lo, hi, Lq, Lk, CAUSAL, HAS_KPM, BLOCK_N)
+    acc, m_m, l_m = _main_pass(q, k_base, v_base, skn, svn, lo, mid, acc, m_m, l_m, offs_m, offs_d, mask_d, b, Lq,
+                               Lk, KPM, qk_scale, False, CAUSAL, HAS_KPM, BLOCK_N, DOT_PREC)
+    acc, m_m, l_m = _main_pass(q, k_base, v_base, skn, svn, mid, hi, acc, m_m, l_m, offs_m, offs_d, mask_d, b, Lq,
+                               Lk, KPM, qk_scale, True, CAUSAL, HAS_KPM, BLOCK_N, DOT_PREC)
     return acc, m_m, l_m
 
 
@@ -150,9 +183,9 @@ def _gated_attn_fwd_kernel(
     o_p, m_p, l_p = _prefix_pass(q, PK + b64 * spkb + hk64 * spkh, PV + b64 * spvb + hk64 * spvh, spkn, spvn, P,
                                  offs_d, mask_d, qk_scale, BLOCK_M, BLOCK_P, BLOCK_D, DOT_PREC)
     hi = _causal_hi(start_m, Lq, Lk, BLOCK_M, CAUSAL)
-    acc, m_m, l_m = _main_pass(q, K + b64 * skb + hk64 * skh, V + b64 * svb + hk64 * svh, skn, svn, 0, hi, offs_m,
-                               offs_d, mask_d, b, Lq, Lk, KPM, qk_scale, CAUSAL, HAS_KPM, BLOCK_M, BLOCK_N, BLOCK_D,
-                               DOT_PREC)
+    acc, m_m, l_m = _main_attention(q, K + b64 * skb + hk64 * skh, V + b64 * svb + hk64 * svh, skn, svn, start_m, 0,
+                                    hi, offs_m, offs_d, mask_d, b, Lq, Lk, KPM, qk_scale, CAUSAL, HAS_KPM, BLOCK_M,
+                                    BLOCK_N, BLOCK_D, DOT_PREC)
     _fwd_epilogue(acc, m_m, l_m, o_p, m_p, l_p, G, OUT, LSE_M, LSE_P, b64, h64, pid_bh, offs_m, offs_d, mask_m,
                   mask_d, sob, soh, som, Lq)
 
@@ -180,9 +213,9 @@ def _gated_attn_fwd_split_kernel(
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     lo = pid_s * keys_per_split
     hi = tl.minimum(lo + keys_per_split, _causal_hi(0, Lq, Lk, BLOCK_M, CAUSAL))
-    acc, m_m, l_m = _main_pass(q, K + b64 * skb + hk64 * skh, V + b64 * svb + hk64 * svh, skn, svn, lo, hi, offs_m,
-                               offs_d, mask_d, b, Lq, Lk, KPM, qk_scale, CAUSAL, HAS_KPM, BLOCK_M, BLOCK_N, BLOCK_D,
-                               DOT_PREC)
+    acc, m_m, l_m = _main_attention(q, K + b64 * skb + hk64 * skh, V + b64 * svb + hk64 * svh, skn, svn, 0, lo, hi,
+                                    offs_m, offs_d, mask_d, b, Lq, Lk, KPM, qk_scale, CAUSAL, HAS_KPM, BLOCK_M,
+                                    BLOCK_N, BLOCK_D, DOT_PREC)
     part = pid_s.to(tl.int64) * tl.num_programs(1) + pid_bh
     tl.store(ACC_PART + (part * BLOCK_M + offs_m[:, None]) * BLOCK_D + offs_d[None, :], acc)
     tl.store(ML_PART + (part * 2) * BLOCK_M + offs_m, m_m)

@@ -22,6 +22,9 @@ CASES = [
     pytest.param(1, 4, 2, 5, 777, 4, 16, dict(kpm="partial", per_sample=True), id="decode-split-Lq5-pad"),
     pytest.param(2, 2, 2, 30, 12, 4, 32, dict(), id="Lq-gt-Lk-empty-rows"),
     pytest.param(1, 2, 2, 33, 33, 17, 128, dict(per_sample=True, kpm=True), id="d128-P17"),
+    # Long enough for whole key blocks below the causal diagonal / before a ragged end (unmasked path).
+    pytest.param(1, 2, 1, 150, 150, 4, 32, dict(), id="causal-unmasked-blocks"),
+    pytest.param(1, 2, 2, 20, 150, 3, 16, dict(causal=False), id="noncausal-ragged-end"),
     pytest.param(1, 2, 1, 9, 9, 2, 48, dict(gate="one"), id="d48-non-pow2"),
 ]
 
