@@ -63,5 +63,8 @@ def kernel_cases():
             for dt in kernel_dtypes(dev)]
 
 
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRET, reason="runs the Triton kernels on CPU: needs TRITON_INTERPRET=1 (set before Python starts)")
+
 needs_kernels = pytest.mark.skipif(
     not kernel_devices(), reason="Triton kernels need CUDA or TRITON_INTERPRET=1 (set before Python starts)")

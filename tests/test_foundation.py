@@ -1,7 +1,6 @@
 """Package foundation: layout, backend selection, patch registry, checkpoints, CLI."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -75,6 +74,7 @@ def test_use_backend_overrides_env_and_nests(monkeypatch):
 
 
 def test_forced_kernel_raises_where_it_cannot_run(monkeypatch):
+    monkeypatch.delenv("FASTBRIDGE_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter
     with fastbridge.use_backend("kernel"):
         with pytest.raises(_backend.BackendUnavailableError, match="TRITON_INTERPRET=1"):
@@ -85,6 +85,7 @@ def test_forced_kernel_raises_where_it_cannot_run(monkeypatch):
 
 
 def test_auto_falls_back_once_with_a_warning_and_same_result(monkeypatch):
+    monkeypatch.delenv("FASTBRIDGE_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(_backend, "_warned", set())
     args = _adapter_args()

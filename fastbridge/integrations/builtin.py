@@ -21,3 +21,22 @@ register_integration(Integration(
     patch=_set_fused(True),
     unpatch=_set_fused(False),
 ))
+
+
+# LLaMA-Adapter: fastbridge's own AdaptionPromptAttention (fused already; unpatch -> eager composition),
+# and PEFT AdaptionPrompt attention for llama / mistral (integrations/peft.py; never imports peft itself).
+from ..modules.adaption_prompt import AdaptionPromptAttention  # noqa: E402
+
+register_integration(Integration(
+    name="fastbridge.AdaptionPromptAttention",
+    description="fastbridge's own adaption-prompt attention (fused gated_attention)",
+    matches=lambda m: isinstance(m, AdaptionPromptAttention),
+    patch=_set_fused(True),
+    unpatch=_set_fused(False),
+))
+try:
+    from .peft import integration as _peft_integration  # noqa: E402
+except ImportError:  # pragma: no cover - keeps fastbridge importable whatever happens to that file's imports
+    _peft_integration = None
+if _peft_integration is not None:
+    register_integration(_peft_integration())
