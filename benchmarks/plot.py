@@ -7,7 +7,8 @@ For every results file (one device) and every (op, dtype) in it, writes
                                                   family and mode, one line per provider, log-log
   <out>/<device-slug>__<op>__<dtype>__speedup.png  speed-up over "eager" (p50 / p50) vs size
 and one markdown file <out>/results.md (also printed) with, per shape and mode, each provider's p50 ms,
-its speed-up over eager and its peak / saved memory. With no file arguments it reads
+its speed-up over eager and its peak / saved memory. (The end-to-end step's speed-ups are over "peft",
+the unpatched model: BASELINES.) With no file arguments it reads
 benchmarks/results/*.json. matplotlib is needed for the PNGs only (``pip install matplotlib``).
 """
 from __future__ import annotations
@@ -25,12 +26,22 @@ if str(HERE) not in sys.path:
 
 MODES = ("fwd", "bwd", "fwd_bwd")
 BASELINE = "eager"
+# Ops whose speed-ups are taken over another provider than BASELINE (the end-to-end step: unpatched PEFT).
+BASELINES = {"llama_adapter_e2e": "peft", "llama_adapter_e2e_cpu_smoke": "peft"}
 # The shape field swept along the x axis of each op's plots; other ops: the numeric field with the most
 # distinct values.
-X_KEYS = {"adapter_block": "N", "gated_attention": "L", "qformer_cross_attention": "B"}
-PROVIDER_ORDER = ("fastbridge", "fastbridge-reference", "sdpa", "compile", "eager")
-COLORS = {"fastbridge": "tab:red", "fastbridge-reference": "tab:orange", "sdpa": "tab:green",
-          "compile": "tab:purple", "eager": "tab:blue"}
+X_KEYS = {"adapter_block": "N", "gated_attention": "L", "qformer_cross_attention": "B",
+          "gated_attention_decode": "B", "llama_adapter_e2e": "L", "llama_adapter_e2e_cpu_smoke": "L"}
+PROVIDER_ORDER = ("fastbridge", "fastbridge-nosplit", "fastbridge-reference", "sdpa", "sdpa_noprompt", "compile",
+                  "eager", "peft")
+COLORS = {"fastbridge": "tab:red", "fastbridge-nosplit": "tab:pink", "fastbridge-reference": "tab:orange",
+          "sdpa": "tab:green", "sdpa_noprompt": "tab:olive", "compile": "tab:purple", "eager": "tab:blue",
+          "peft": "tab:blue"}
+
+
+def baseline(op: str) -> str:
+    """The provider an op's speed-ups are taken over."""
+    return BASELINES.get(op, BASELINE)
 MODE_STYLES = {"fwd": "-", "bwd": "--", "fwd_bwd": ":"}
 
 
@@ -108,10 +119,13 @@ def markdown(doc: dict, path: Path) -> str:
     lines = [f"## {doc['device']} ({path.name})", "",
              f"torch {doc['torch']}, triton {doc['triton']}, CUDA {doc['cuda']}, fastbridge "
              f"{str(doc['fastbridge'])[:12]}{' (modified tree)' if doc.get('fastbridge_dirty') else ''}, "
-             f"{doc['date']}. Times: p50 ms (p20-p80 in the JSON); ×: speed-up over {BASELINE} (p50).", ""]
+             f"{doc['date']}. Times: p50 ms (p20-p80 in the JSON); ×: speed-up over {BASELINE} (p50)"
+             + "".join(f"; {op}: over {b}" for op, b in sorted(BASELINES.items())
+                       if any(r["op"] == op for r in doc["records"])) + ".", ""]
     for (op, dt), (xk, fams) in group(doc).items():
         providers = sorted({p for fam in fams.values() for (p, _) in fam}, key=_provider_rank)
-        others = [p for p in providers if p != BASELINE] if BASELINE in providers else []
+        base_p = baseline(op)
+        others = [p for p in providers if p != base_p] if base_p in providers else []
         has_peak = any(r.get("peak_mb") is not None for fam in fams.values() for s in fam.values() for _, r in s)
         lines += [f"### {op}, {dt}", ""]
         head = ["shape", "mode"] + [f"{p} ms" for p in providers] + [f"{p} ×" for p in others]
@@ -129,7 +143,7 @@ def markdown(doc: dict, path: Path) -> str:
             shape = " ".join([f"{k}={_fmt(v)}" for k, v in fam_key] + [f"{xk}={_fmt(x)}"])
             cells = [shape, m]
             cells += [f"{recs[p]['ms']['p50']:.4g}" if p in recs else "" for p in providers]
-            base = recs.get(BASELINE)
+            base = recs.get(base_p)
             for p in others:
                 cells.append(f"{base['ms']['p50'] / recs[p]['ms']['p50']:.2f}" if base and p in recs else "")
             if has_peak:
@@ -213,17 +227,18 @@ def plot_doc(doc: dict, path: Path, out: Path) -> list[Path]:
         written.append(f)
 
         # speed-up over eager: one panel per family, a line per (provider, mode)
-        if not any(p == BASELINE for fam in fams.values() for (p, _) in fam):
+        base_p = baseline(op)
+        if not any(p == base_p for fam in fams.values() for (p, _) in fam):
             continue
         nrow, ncol = _grid(len(fam_items))
         fig, axes = plt.subplots(nrow, ncol, figsize=(4.4 * ncol, 3.0 * nrow), squeeze=False)
         for k, (fam_key, fam) in enumerate(fam_items):
             ax = axes[k // ncol][k % ncol]
-            for p in sorted({p for (p, _) in fam if p != BASELINE}, key=_provider_rank):
+            for p in sorted({p for (p, _) in fam if p != base_p}, key=_provider_rank):
                 for m in modes:
-                    if (p, m) not in fam or (BASELINE, m) not in fam:
+                    if (p, m) not in fam or (base_p, m) not in fam:
                         continue
-                    base = {x: r["ms"]["p50"] for x, r in fam[(BASELINE, m)]}
+                    base = {x: r["ms"]["p50"] for x, r in fam[(base_p, m)]}
                     pts = [(x, base[x] / r["ms"]["p50"]) for x, r in fam[(p, m)] if x in base]
                     if pts:
                         ax.plot([x for x, _ in pts], [s for _, s in pts], MODE_STYLES.get(m, "-"), marker="o", ms=3,
@@ -232,12 +247,12 @@ def plot_doc(doc: dict, path: Path, out: Path) -> list[Path]:
             _axes_style(ax, [x for series in fam.values() for x, _ in series])
             ax.set_title(family_label(dict(fam_key), xk), fontsize=8)
             ax.set_xlabel(xk, fontsize=8)
-            ax.set_ylabel(f"speed-up over {BASELINE} (×)", fontsize=8)
+            ax.set_ylabel(f"speed-up over {base_p} (×)", fontsize=8)
             if k == 0:
                 ax.legend(fontsize=6)
         for k in range(len(fam_items), nrow * ncol):
             axes[k // ncol][k % ncol].set_visible(False)
-        fig.suptitle(f"{op} {dt} on {doc['device']}: speed-up over {BASELINE} (p50)", fontsize=10)
+        fig.suptitle(f"{op} {dt} on {doc['device']}: speed-up over {base_p} (p50)", fontsize=10)
         fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
         f = out / f"{slug}__{op}__{dt}__speedup.png"
         fig.savefig(f, dpi=110)
