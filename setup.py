@@ -6,9 +6,13 @@ top-level ``kernels`` module, which would shadow Hugging Face's ``kernels`` pack
 probes for.
 
 This file never imports torch, so the build needs no torch and pip never pulls one into an isolated
-build environment.
+build environment. The C++/CUDA extension (csrc/) is JIT-built on first use; its sources ship as
+package data (``fastbridge.csrc``). ``FASTBRIDGE_BUILD_EXT=1 pip install -e . --no-build-isolation``
+builds it ahead of time instead (csrc/aot_build.py -> CMakeLists.txt; only that mode imports torch).
 """
+import os
 import re
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -27,8 +31,17 @@ packages = [
     "fastbridge.modules",
     "fastbridge.integrations",
     "fastbridge.kernels",
+    "fastbridge.csrc",
 ]
-package_dir = {"fastbridge": "fastbridge", "fastbridge.kernels": "kernels"}
+package_dir = {"fastbridge": "fastbridge", "fastbridge.kernels": "kernels", "fastbridge.csrc": "csrc"}
+package_data = {"fastbridge.csrc": ["*.cpp", "*.cu", "*.h", "*.txt"]}
+
+aot = {}
+if os.environ.get("FASTBRIDGE_BUILD_EXT", "").strip() == "1":  # ahead-of-time C++/CUDA extension
+    sys.path.insert(0, str(ROOT / "csrc"))
+    from aot_build import aot_setup_kwargs
+
+    aot = aot_setup_kwargs(ROOT)
 
 extras = {
     "test": [
@@ -54,7 +67,9 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    install_requires=["torch>=2.5", "triton>=3.1", "numpy", "safetensors"],
+    package_data=package_data,
+    install_requires=["torch>=2.5", "triton>=3.1", "numpy", "safetensors", "ninja"],
     extras_require=extras,
     entry_points={"console_scripts": ["fastbridge=fastbridge.cli:main"]},
+    **aot,
 )

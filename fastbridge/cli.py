@@ -1,4 +1,4 @@
-"""fastbridge command line: ``fastbridge info | bench`` (also ``python -m fastbridge ...``)."""
+"""fastbridge command line: ``fastbridge info | build | bench`` (also ``python -m fastbridge ...``)."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +38,9 @@ def info_lines() -> list[str]:
                          f"{p.multi_processor_count} SMs)")
     else:
         lines.append(f"device       cpu only ({os.cpu_count()} cores; no CUDA device visible to torch)")
+    from fastbridge import _build
+
+    lines.append(f"extension    {_build.describe()}")
     lines.append(f"backend      {_backend.current_backend()} (FASTBRIDGE_BACKEND / fastbridge.use_backend)")
     lines.append(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
     lines.append("can run here:")
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastbridge", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, device, and which backends can run here")
+    sub.add_parser("build", help="prebuild the C++/CUDA extension (otherwise built on first use)")
     sub.add_parser("bench", help="run the benchmark suite (pytest benchmarks/ --benchmark-only), then print "
                                  "the table and write plots; other arguments are passed to pytest")
     args, extra = parser.parse_known_args(argv)
@@ -57,6 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.cmd == "info":
         print("\n".join(info_lines()))
+        return 0
+    if args.cmd == "build":
+        from ._build import ExtensionUnavailable, build
+
+        try:
+            build(verbose=True)
+        except ExtensionUnavailable as e:
+            print(f"fastbridge build: {e}", file=sys.stderr)
+            return 1
         return 0
     if args.cmd == "bench":
         from .bench import run_bench

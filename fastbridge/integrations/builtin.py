@@ -40,3 +40,16 @@ except ImportError:  # pragma: no cover - keeps fastbridge importable whatever h
     _peft_integration = None
 if _peft_integration is not None:
     register_integration(_peft_integration())
+
+
+# BLIP-2 / InstructBLIP Q-Former (transformers): attn_implementation "fastbridge" for the Q-Former only,
+# batched key / value projections of the image features (integrations/qformer.py).
+from . import qformer as _qformer  # noqa: E402
+
+register_integration(Integration(
+    name="transformers.QFormer",
+    description="BLIP-2 / InstructBLIP Q-Former attention (fastbridge qformer_cross_attention, batched K/V)",
+    matches=_qformer.matches,
+    patch=_qformer.patch,
+    unpatch=_qformer.unpatch,
+))

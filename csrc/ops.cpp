@@ -1,0 +1,33 @@
+// The schemas of fastbridge's C++/CUDA ops: the one TORCH_LIBRARY(fastbridge, m) of the extension.
+// Kernels: qformer_cross_attention_cpu.cpp (CPU), qformer_cross_attention_cuda.cu (CUDA). Autograd
+// and fake (meta) implementations are registered from Python, in the module named below, which
+// torch imports when it needs them.
+//
+// qformer_attn_fwd: out = softmax(q k^T * scale + mask) v with inverted dropout on the probabilities;
+//   q (B or 1, H, Lq, D), k, v (B, H, Lk, D), key_mask bool (B, Lk) (true = attend), bias float
+//   broadcastable to (B, H, Lq, Lk) (additive), rng int64 CPU [seed, offset] (Philox, csrc/philox.h)
+//   when dropout_p > 0, allow_tf32: fp32 on CUDA with one TF32 product instead of 3xTF32.
+//   Returns out (B, H, Lq, D) and the log-sum-exp lse (B, H, Lq) float32 (+inf for a row that sees
+//   no key; its output is 0).
+// qformer_attn_bwd: (dq, dk, dv) from the saved out and lse (the probabilities are recomputed and the
+//   dropout mask replayed from rng).
+// qformer_dropout_keep: the keep mask (B, H, Lq, Lk) the kernels apply for rng (tests, debugging).
+// qformer_cpu_isa: the CPU kernel instance in use (0 baseline, 1 AVX2, 2 AVX-512).
+#include <torch/library.h>
+
+namespace fastbridge {
+int64_t qformer_cpu_isa();
+}
+
+TORCH_LIBRARY(fastbridge, m) {
+  m.set_python_module("fastbridge.ops.qformer_cross_attention");
+  m.def(
+      "qformer_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? bias, float scale, "
+      "float dropout_p, Tensor? rng, bool allow_tf32) -> (Tensor out, Tensor lse)");
+  m.def(
+      "qformer_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_mask, "
+      "Tensor? bias, float scale, float dropout_p, Tensor? rng, bool allow_tf32) -> (Tensor dq, Tensor dk, "
+      "Tensor dv)");
+  m.def("qformer_dropout_keep(Tensor like, Tensor rng, int Lk, float dropout_p) -> Tensor");
+  m.def("qformer_cpu_isa() -> int", &fastbridge::qformer_cpu_isa);
+}

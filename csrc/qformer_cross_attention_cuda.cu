@@ -1,0 +1,685 @@
+// CUDA implementation of the fastbridge::qformer_attn_* ops (sm_80+).
+//
+// Design (benchmarks/notes/qformer_cross_attention.md has the numbers):
+//  * forward: one block per (batch*head, tile of BM = 16*NW query rows), NW warps; warp w owns query
+//    rows 16w..16w+15 of the tile. K/V tiles of BN = 64 keys go through shared memory (16-byte vector
+//    loads, zero-filled past Lk); S = Q K^T and O += P V on tensor cores through WMMA (bf16 / fp16
+//    m16n16k16, fp32 as TF32 m16n16k8: one product when TF32 is allowed, else the 3xTF32 split
+//    a_hi*b_hi + a_hi*b_lo + a_lo*b_hi, which keeps fp32 accuracy); fp32 scores, online softmax
+//    (exp2, per-row max / sum, O rescaled in shared memory), masks, inverted dropout from Philox
+//    (philox.h: one draw per 4 keys of a row, the same stream as the CPU kernel), fp32 accumulation.
+//    Saves lse (natural log; +inf for a row that sees no key) -- never the probabilities.
+//  * backward: one block per (batch*head), 4 warps; key blocks of 64 (warp w owns 16 keys) in an
+//    outer loop, query tiles of 32 rows in an inner loop. Per tile: S^T = K Q^T and dPd^T = V dO^T
+//    (WMMA), P = exp2(S - lse) recomputed, the dropout mask replayed, dS = P (dP - delta);
+//    dV += Pd^T dO and dK += dS^T Q accumulate in registers (WMMA accumulators) for the key block;
+//    dQ += dS K goes to an fp32 buffer this block owns alone (no atomics: deterministic). delta =
+//    rowsum(dO o O) is computed by the block first. dq (and its sum over the batch for a broadcast
+//    query) is finished by the host.
+// Intermediate values are staged through shared memory (WMMA fragments have no defined element
+// layout), which keeps every index explicit.
+// No ATen/cuda or c10/cuda header (they need cuBLAS / cuSPARSE headers and a generated header that
+// CPU builds of torch do not ship): the device guard and the current stream come through c10's
+// device-generic interfaces, so this file compiles against any torch's headers with a bare CUDA
+// toolkit (nvcc + runtime headers) -- which is how CI compiles it for sm_80 / sm_90a.
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "philox.h"
+#include "qformer_host.h"
+
+namespace fastbridge {
+namespace {
+
+using namespace nvcuda;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kBN = 64;   // keys per tile
+constexpr int kBMQ = 32;  // query rows per backward tile
+constexpr int kBwdWarps = 4;
+
+// --------------------------------------------------------------------------------------- types
+template <typename T>
+struct Elem;
+template <>
+struct Elem<__half> {
+  using Frag = __half;
+  static constexpr int KS = 16;  // k of one m16n16kKS WMMA step
+  static constexpr int PAD = 8;  // row padding (elements) of shared tiles: 16 bytes
+  static __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  using Frag = __nv_bfloat16;
+  static constexpr int KS = 16;
+  static constexpr int PAD = 8;
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
+};
+template <>
+struct Elem<float> {
+  using Frag = wmma::precision::tf32;
+  static constexpr int KS = 8;
+  static constexpr int PAD = 4;
+  static __device__ __forceinline__ float to_f(float x) { return x; }
+  static __device__ __forceinline__ float from_f(float x) { return x; }
+};
+
+template <typename T>
+using Acc = wmma::fragment<wmma::accumulator, 16, 16, Elem<T>::KS, float>;
+
+// acc += A (16 x K) * B (K x 16); A, B in shared memory with the given layouts and leading dims.
+template <typename T, bool X3, typename LA, typename LB, int K>
+__device__ __forceinline__ void mma_tile(Acc<T>& acc, const T* A, int lda, const T* B, int ldb) {
+  constexpr int KS = Elem<T>::KS;
+  using F = typename Elem<T>::Frag;
+  // fp32 (TF32 fragments, 3 products with the split) unrolls by 2 only: fully unrolled, the compiler
+  // hoists every fragment load of the tile and runs out of registers.
+#pragma unroll(std::is_same_v<T, float> ? 2 : K / KS)
+  for (int k = 0; k < K; k += KS) {
+    wmma::fragment<wmma::matrix_a, 16, 16, KS, F, LA> a;
+    wmma::fragment<wmma::matrix_b, 16, 16, KS, F, LB> b;
+    const T* pa = std::is_same_v<LA, wmma::row_major> ? A + k : A + k * lda;
+    const T* pb = std::is_same_v<LB, wmma::row_major> ? B + k * ldb : B + k;
+    wmma::load_matrix_sync(a, pa, lda);
+    wmma::load_matrix_sync(b, pb, ldb);
+    if constexpr (std::is_same_v<T, float>) {
+      if constexpr (X3) {  // 3xTF32: x = hi + lo, hi = tf32(x), lo = tf32(x - hi); drop lo*lo
+        wmma::fragment<wmma::matrix_a, 16, 16, KS, F, LA> a_lo;
+        wmma::fragment<wmma::matrix_b, 16, 16, KS, F, LB> b_lo;
+#pragma unroll
+        for (int t = 0; t < a.num_elements; ++t) {
+          const float x = a.x[t], hi = wmma::__float_to_tf32(x);
+          a.x[t] = hi;
+          a_lo.x[t] = wmma::__float_to_tf32(x - hi);
+        }
+#pragma unroll
+        for (int t = 0; t < b.num_elements; ++t) {
+          const float x = b.x[t], hi = wmma::__float_to_tf32(x);
+          b.x[t] = hi;
+          b_lo.x[t] = wmma::__float_to_tf32(x - hi);
+        }
+        wmma::mma_sync(acc, a_lo, b, acc);
+        wmma::mma_sync(acc, a, b_lo, acc);
+        wmma::mma_sync(acc, a, b, acc);
+      } else {
+#pragma unroll
+        for (int t = 0; t < a.num_elements; ++t) a.x[t] = wmma::__float_to_tf32(a.x[t]);
+#pragma unroll
+        for (int t = 0; t < b.num_elements; ++t) b.x[t] = wmma::__float_to_tf32(b.x[t]);
+        wmma::mma_sync(acc, a, b, acc);
+      }
+    } else {
+      wmma::mma_sync(acc, a, b, acc);
+    }
+  }
+}
+
+// rows x D tile from global (row stride ld elements; D contiguous; 16-byte aligned rows) into shared
+// memory (leading dim LD), rows >= valid zero-filled. All threads of the block take part.
+template <typename T, int D, int LD>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int rows, int valid, int tid,
+                                          int nthreads) {
+  constexpr int CH = 16 / sizeof(T);  // elements per 16-byte chunk
+  constexpr int PER_ROW = D / CH;
+  for (int idx = tid; idx < rows * PER_ROW; idx += nthreads) {
+    const int r = idx / PER_ROW, c = (idx % PER_ROW) * CH;
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (r < valid) val = *reinterpret_cast<const uint4*>(src + r * ld + c);
+    *reinterpret_cast<uint4*>(dst + r * LD + c) = val;
+  }
+}
+
+__host__ __device__ constexpr size_t align128c(size_t x) { return (x + 127) / 128 * 128; }
+
+// ------------------------------------------------------------------------------------- forward
+template <typename T, int D, int NW>
+struct FwdSmem {
+  static constexpr int BM = 16 * NW;
+  static constexpr int LDT = D + Elem<T>::PAD;     // Q, K, V tiles
+  static constexpr int LDS = kBN + 4;              // fp32 scores
+  static constexpr int LDP = kBN + Elem<T>::PAD;   // probabilities (T)
+  static constexpr int LDO = D + 4;                // fp32 output accumulator
+  static constexpr size_t q = 0;
+  static constexpr size_t k = q + align128c(sizeof(T) * BM * LDT);
+  static constexpr size_t v = k + align128c(sizeof(T) * kBN * LDT);
+  static constexpr size_t s = v + align128c(sizeof(T) * kBN * LDT);
+  static constexpr size_t pr = s + align128c(sizeof(float) * BM * LDS);
+  static constexpr size_t o = pr + align128c(sizeof(T) * BM * LDP);
+  static constexpr size_t m = o + align128c(sizeof(float) * BM * LDO);
+  static constexpr size_t l = m + align128c(sizeof(float) * BM);
+  static constexpr size_t a = l + align128c(sizeof(float) * BM);
+  static constexpr size_t kadd = a + align128c(sizeof(float) * BM);
+  static constexpr size_t total = kadd + align128c(sizeof(float) * kBN);
+};
+
+template <typename T, int D, int NW, bool X3>
+__global__ void __launch_bounds__(NW * 32, 1) qf_fwd_kernel(const QfParams p) {
+  using S = FwdSmem<T, D, NW>;
+  constexpr int BM = S::BM, LDT = S::LDT, LDS = S::LDS, LDP = S::LDP, LDO = S::LDO;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Qs = reinterpret_cast<T*>(smem + S::q);
+  T* Ks = reinterpret_cast<T*>(smem + S::k);
+  T* Vs = reinterpret_cast<T*>(smem + S::v);
+  float* Ss = reinterpret_cast<float*>(smem + S::s);
+  T* Ps = reinterpret_cast<T*>(smem + S::pr);
+  float* Os = reinterpret_cast<float*>(smem + S::o);
+  float* mrow = reinterpret_cast<float*>(smem + S::m);
+  float* lrow = reinterpret_cast<float*>(smem + S::l);
+  float* arow = reinterpret_cast<float*>(smem + S::a);
+  float* kadd = reinterpret_cast<float*>(smem + S::kadd);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, nthreads = NW * 32;
+  const int64_t bh = blockIdx.x;
+  const int64_t b = bh / p.H, h = bh % p.H;
+  const int q0 = blockIdx.y * BM;
+  const int Lq = static_cast<int>(p.Lq), Lk = static_cast<int>(p.Lk);
+  const float scale2 = p.scale * kLog2e;  // scores in log2 units
+  const bool dropout = p.dropout_p > 0.f;
+
+  const T* qg = static_cast<const T*>(p.q) + b * p.sq.b + h * p.sq.h + q0 * p.sq.l;
+  load_tile<T, D, LDT>(Qs, qg, p.sq.l, BM, min(BM, Lq - q0), tid, nthreads);
+  for (int idx = tid; idx < BM * LDO; idx += nthreads) Os[idx] = 0.f;
+  for (int r = tid; r < BM; r += nthreads) {
+    mrow[r] = -INFINITY;
+    lrow[r] = 0.f;
+  }
+  const T* kg = static_cast<const T*>(p.k) + b * p.sk.b + h * p.sk.h;
+  const T* vg = static_cast<const T*>(p.v) + b * p.sv.b + h * p.sv.h;
+  const int r0 = 16 * warp;  // this warp's rows of the tile
+
+  for (int k0 = 0; k0 < Lk; k0 += kBN) {
+    __syncthreads();  // every warp is done with the previous K / V tile
+    const int valid = min(kBN, Lk - k0);
+    load_tile<T, D, LDT>(Ks, kg + k0 * p.sk.l, p.sk.l, kBN, valid, tid, nthreads);
+    load_tile<T, D, LDT>(Vs, vg + k0 * p.sv.l, p.sv.l, kBN, valid, tid, nthreads);
+    for (int c = tid; c < kBN; c += nthreads) {
+      const int j = k0 + c;
+      bool vis = j < Lk;
+      if (vis && p.key_mask) vis = p.key_mask[b * p.km_b + j * p.km_k];
+      kadd[c] = vis ? 0.f : -INFINITY;
+    }
+    __syncthreads();
+
+    // S_w = Q_w K^T (16 x BN), fp32, to shared memory
+#pragma unroll
+    for (int n = 0; n < kBN / 16; ++n) {
+      Acc<T> acc;
+      wmma::fill_fragment(acc, 0.f);
+      mma_tile<T, X3, wmma::row_major, wmma::col_major, D>(acc, Qs + r0 * LDT, LDT, Ks + n * 16 * LDT, LDT);
+      wmma::store_matrix_sync(Ss + r0 * LDS + n * 16, acc, LDS, wmma::mem_row_major);
+    }
+    __syncwarp();
+
+    // online softmax over this key tile: 16 lanes per row, 4 consecutive keys per lane (one Philox
+    // draw), 2 rows per pass.
+#pragma unroll 1
+    for (int pass = 0; pass < 8; ++pass) {
+      const int r = r0 + 2 * pass + lane / 16, c = (lane % 16) * 4, i = q0 + r;
+      float s[4];
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        s[t] = Ss[r * LDS + c + t] * scale2 + kadd[c + t];
+        if (p.bias && i < Lq && k0 + c + t < Lk)
+          s[t] += p.bias[b * p.bs_b + h * p.bs_h + i * p.bs_q + (k0 + c + t) * p.bs_k] * kLog2e;
+      }
+      float mx = fmaxf(fmaxf(s[0], s[1]), fmaxf(s[2], s[3]));
+#pragma unroll
+      for (int off = 8; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_old = mrow[r], l_old = lrow[r];
+      const float m_new = fmaxf(m_old, mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no visible key yet: exp2(-inf - 0) = 0
+      float pr[4], sum = 0.f;
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        pr[t] = exp2f(s[t] - m_use);
+        sum += pr[t];
+      }
+#pragma unroll
+      for (int off = 8; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      const float alpha = exp2f(m_old - m_use);
+      if (dropout) {
+        float keep[4] = {0.f, 0.f, 0.f, 0.f};
+        if (i < Lq) {
+          const PhiloxOut d = fb_dropout_draw(p.seed, p.offset, static_cast<uint64_t>(bh * Lq + i),
+                                              static_cast<uint64_t>((k0 + c) / 4));
+#pragma unroll
+          for (int t = 0; t < 4; ++t) keep[t] = fb_dropout_keep(d.x[t], p.keep_threshold) ? p.rescale : 0.f;
+        }
+#pragma unroll
+        for (int t = 0; t < 4; ++t) Ps[r * LDP + c + t] = Elem<T>::from_f(pr[t] * keep[t]);
+      } else {
+#pragma unroll
+        for (int t = 0; t < 4; ++t) Ps[r * LDP + c + t] = Elem<T>::from_f(pr[t]);
+      }
+      __syncwarp();  // every lane has read mrow / lrow of its row
+      if (lane % 16 == 0) {
+        mrow[r] = m_new;
+        lrow[r] = l_old * alpha + sum;
+        arow[r] = alpha;
+      }
+    }
+    __syncwarp();
+    for (int idx = lane; idx < 16 * D; idx += 32) {
+      const int r = r0 + idx / D, c = idx % D;
+      Os[r * LDO + c] *= arow[r];
+    }
+    __syncwarp();
+
+    // O_w += P_w V (16 x D)
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n) {
+      Acc<T> acc;
+      wmma::load_matrix_sync(acc, Os + r0 * LDO + n * 16, LDO, wmma::mem_row_major);
+      mma_tile<T, X3, wmma::row_major, wmma::row_major, kBN>(acc, Ps + r0 * LDP, LDP, Vs + n * 16, LDT);
+      wmma::store_matrix_sync(Os + r0 * LDO + n * 16, acc, LDO, wmma::mem_row_major);
+    }
+  }
+  __syncwarp();
+  T* og = static_cast<T*>(p.out) + bh * p.Lq * D;
+  for (int idx = lane; idx < 16 * D; idx += 32) {
+    const int r = r0 + idx / D, c = idx % D, i = q0 + r;
+    if (i < Lq) {
+      const float l = lrow[r];
+      og[static_cast<int64_t>(i) * D + c] = Elem<T>::from_f(l > 0.f ? Os[r * LDO + c] / l : 0.f);
+    }
+  }
+  if (lane < 16) {
+    const int r = r0 + lane, i = q0 + r;
+    if (i < Lq) {
+      const float l = lrow[r];
+      p.lse[bh * p.Lq + i] = l > 0.f ? (mrow[r] + log2f(l)) * kLn2 : INFINITY;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------ backward
+template <typename T, int D>
+struct BwdSmem {
+  static constexpr int LDT = D + Elem<T>::PAD;      // K, V, Q, dO tiles
+  static constexpr int LDQ = kBMQ + 4;              // fp32 S^T, dP^T (keys x queries)
+  static constexpr int LDQT = kBMQ + Elem<T>::PAD;  // Pd^T, dS^T (T)
+  static constexpr int LDO = D + 4;                 // fp32 dK / dV accumulators
+  static constexpr size_t k = 0;
+  static constexpr size_t v = k + align128c(sizeof(T) * kBN * LDT);
+  static constexpr size_t q = v + align128c(sizeof(T) * kBN * LDT);
+  static constexpr size_t dout = q + align128c(sizeof(T) * kBMQ * LDT);
+  static constexpr size_t dk = dout + align128c(sizeof(T) * kBMQ * LDT);
+  static constexpr size_t dv = dk + align128c(sizeof(float) * kBN * LDO);
+  static constexpr size_t lse = dv + align128c(sizeof(float) * kBN * LDO);
+  static constexpr size_t delta = lse + align128c(sizeof(float) * kBMQ);
+  static constexpr size_t st = delta + align128c(sizeof(float) * kBMQ);
+  static constexpr size_t dpt = st + align128c(sizeof(float) * kBN * LDQ);
+  static constexpr size_t pdt = dpt + align128c(sizeof(float) * kBN * LDQ);
+  static constexpr size_t dst = pdt + align128c(sizeof(T) * kBN * LDQT);
+  static constexpr size_t kadd = dst + align128c(sizeof(T) * kBN * LDQT);
+  static constexpr size_t total = kadd + align128c(sizeof(float) * kBN);
+};
+
+template <typename T, int D, bool X3>
+__global__ void __launch_bounds__(kBwdWarps * 32, 1) qf_bwd_kernel(const QfParams p) {
+  using S = BwdSmem<T, D>;
+  constexpr int LDT = S::LDT, LDQ = S::LDQ, LDQT = S::LDQT, LDO = S::LDO, NW = kBwdWarps;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Ks = reinterpret_cast<T*>(smem + S::k);
+  T* Vs = reinterpret_cast<T*>(smem + S::v);
+  T* Qs = reinterpret_cast<T*>(smem + S::q);
+  T* dOs = reinterpret_cast<T*>(smem + S::dout);
+  float* dKs = reinterpret_cast<float*>(smem + S::dk);  // fp32 accumulators of the key block
+  float* dVs = reinterpret_cast<float*>(smem + S::dv);
+  float* lse_s = reinterpret_cast<float*>(smem + S::lse);
+  float* delta_s = reinterpret_cast<float*>(smem + S::delta);
+  float* St = reinterpret_cast<float*>(smem + S::st);
+  float* dPt = reinterpret_cast<float*>(smem + S::dpt);
+  T* Pdt = reinterpret_cast<T*>(smem + S::pdt);
+  T* dSt = reinterpret_cast<T*>(smem + S::dst);
+  float* kadd = reinterpret_cast<float*>(smem + S::kadd);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, nthreads = NW * 32;
+  const int64_t bh = blockIdx.x;
+  const int64_t b = bh / p.H, h = bh % p.H;
+  const int Lq = static_cast<int>(p.Lq), Lk = static_cast<int>(p.Lk);
+  const int LqP = (Lq + kBMQ - 1) / kBMQ * kBMQ;
+  const float scale2 = p.scale * kLog2e;
+  const bool dropout = p.dropout_p > 0.f;
+  const T* qg = static_cast<const T*>(p.q) + b * p.sq.b + h * p.sq.h;
+  const T* dog = static_cast<const T*>(p.dout) + b * p.sdo.b + h * p.sdo.h;
+  const T* og = static_cast<const T*>(p.out) + bh * p.Lq * D;
+  const T* kg = static_cast<const T*>(p.k) + b * p.sk.b + h * p.sk.h;
+  const T* vg = static_cast<const T*>(p.v) + b * p.sv.b + h * p.sv.h;
+  float* dqa = p.dq_acc + bh * static_cast<int64_t>(LqP) * D;  // this block's dQ (fp32, LqP x D), zeroed
+  float* delta = p.delta + bh * p.Lq;
+
+  // delta_i = sum_d dO_id O_id, one warp per row
+  for (int i = warp; i < Lq; i += NW) {
+    float acc = 0.f;
+    for (int d = lane; d < D; d += 32)
+      acc += Elem<T>::to_f(dog[i * p.sdo.l + d]) * Elem<T>::to_f(og[static_cast<int64_t>(i) * D + d]);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) delta[i] = acc;
+  }
+
+  const int k0w = 16 * warp;  // this warp's keys within the key block
+  for (int k0 = 0; k0 < Lk; k0 += kBN) {
+    __syncthreads();  // previous key block done (staging / K / V / delta writes)
+    const int valid = min(kBN, Lk - k0);
+    load_tile<T, D, LDT>(Ks, kg + k0 * p.sk.l, p.sk.l, kBN, valid, tid, nthreads);
+    load_tile<T, D, LDT>(Vs, vg + k0 * p.sv.l, p.sv.l, kBN, valid, tid, nthreads);
+    for (int c = tid; c < kBN; c += nthreads) {
+      const int j = k0 + c;
+      bool vis = j < Lk;
+      if (vis && p.key_mask) vis = p.key_mask[b * p.km_b + j * p.km_k];
+      kadd[c] = vis ? 0.f : -INFINITY;
+    }
+    for (int idx = tid; idx < kBN * LDO; idx += nthreads) {
+      dKs[idx] = 0.f;
+      dVs[idx] = 0.f;
+    }
+    for (int q0 = 0; q0 < Lq; q0 += kBMQ) {
+      __syncthreads();  // previous query tile done with Q / dO / dS^T
+      const int qvalid = min(kBMQ, Lq - q0);
+      load_tile<T, D, LDT>(Qs, qg + q0 * p.sq.l, p.sq.l, kBMQ, qvalid, tid, nthreads);
+      load_tile<T, D, LDT>(dOs, dog + q0 * p.sdo.l, p.sdo.l, kBMQ, qvalid, tid, nthreads);
+      for (int c = tid; c < kBMQ; c += nthreads) {
+        const int i = q0 + c;
+        lse_s[c] = i < Lq ? p.lse[bh * p.Lq + i] * kLog2e : INFINITY;  // +inf: P = exp2(-inf) = 0
+        delta_s[c] = i < Lq ? delta[i] : 0.f;
+      }
+      __syncthreads();
+
+      // S^T_w = K_w Q^T and dPd^T_w = V_w dO^T (16 keys x BMQ queries), fp32
+#pragma unroll
+      for (int n = 0; n < kBMQ / 16; ++n) {
+        Acc<T> acc;
+        wmma::fill_fragment(acc, 0.f);
+        mma_tile<T, X3, wmma::row_major, wmma::col_major, D>(acc, Ks + k0w * LDT, LDT, Qs + n * 16 * LDT, LDT);
+        wmma::store_matrix_sync(St + k0w * LDQ + n * 16, acc, LDQ, wmma::mem_row_major);
+        wmma::fill_fragment(acc, 0.f);
+        mma_tile<T, X3, wmma::row_major, wmma::col_major, D>(acc, Vs + k0w * LDT, LDT, dOs + n * 16 * LDT, LDT);
+        wmma::store_matrix_sync(dPt + k0w * LDQ + n * 16, acc, LDQ, wmma::mem_row_major);
+      }
+      __syncwarp();
+
+      // elementwise: lane = (4-key group g, query c); one Philox draw per (query, 4 keys)
+      {
+        const int g = lane & 3;
+#pragma unroll 1
+        for (int it = 0; it < kBMQ / 8; ++it) {
+          const int c = (lane >> 2) + 8 * it, i = q0 + c;
+          const int kl = k0w + 4 * g;  // first key (local) of this lane's group
+          float keep[4] = {1.f, 1.f, 1.f, 1.f};
+          if (dropout) {
+            if (i < Lq) {
+              const PhiloxOut d = fb_dropout_draw(p.seed, p.offset, static_cast<uint64_t>(bh * Lq + i),
+                                                  static_cast<uint64_t>((k0 + kl) / 4));
+#pragma unroll
+              for (int t = 0; t < 4; ++t) keep[t] = fb_dropout_keep(d.x[t], p.keep_threshold) ? p.rescale : 0.f;
+            } else {
+              keep[0] = keep[1] = keep[2] = keep[3] = 0.f;
+            }
+          }
+#pragma unroll
+          for (int t = 0; t < 4; ++t) {
+            const int kr = kl + t, j = k0 + kr;
+            float s = St[kr * LDQ + c] * scale2 + kadd[kr];
+            if (p.bias && i < Lq && j < Lk) s += p.bias[b * p.bs_b + h * p.bs_h + i * p.bs_q + j * p.bs_k] * kLog2e;
+            const float pr = exp2f(s - lse_s[c]);
+            const float pd = pr * keep[t];
+            const float dp = dPt[kr * LDQ + c] * keep[t];
+            Pdt[kr * LDQT + c] = Elem<T>::from_f(pd);
+            dSt[kr * LDQT + c] = Elem<T>::from_f(pr * (dp - delta_s[c]));
+          }
+        }
+      }
+      __syncthreads();  // dS^T of every warp is needed for dQ
+
+      // dV_w += Pd^T_w dO, dK_w += dS^T_w Q (fp32 accumulators of this warp's 16 keys, shared memory)
+#pragma unroll 1
+      for (int n = 0; n < D / 16; ++n) {
+        Acc<T> acc;
+        wmma::load_matrix_sync(acc, dVs + k0w * LDO + n * 16, LDO, wmma::mem_row_major);
+        mma_tile<T, X3, wmma::row_major, wmma::row_major, kBMQ>(acc, Pdt + k0w * LDQT, LDQT, dOs + n * 16, LDT);
+        wmma::store_matrix_sync(dVs + k0w * LDO + n * 16, acc, LDO, wmma::mem_row_major);
+        wmma::load_matrix_sync(acc, dKs + k0w * LDO + n * 16, LDO, wmma::mem_row_major);
+        mma_tile<T, X3, wmma::row_major, wmma::row_major, kBMQ>(acc, dSt + k0w * LDQT, LDQT, Qs + n * 16, LDT);
+        wmma::store_matrix_sync(dKs + k0w * LDO + n * 16, acc, LDO, wmma::mem_row_major);
+      }
+      // dQ[q0:q0+BMQ] += dS K_blk: (BMQ/16) x (D/16) output fragments shared among the warps
+      for (int f = warp; f < (kBMQ / 16) * (D / 16); f += NW) {
+        const int mq = f / (D / 16), nd = f % (D / 16);
+        float* dst = dqa + static_cast<int64_t>(q0 + 16 * mq) * D + 16 * nd;
+        Acc<T> acc;
+        wmma::load_matrix_sync(acc, dst, D, wmma::mem_row_major);
+        mma_tile<T, X3, wmma::col_major, wmma::row_major, kBN>(acc, dSt + 16 * mq, LDQT, Ks + 16 * nd, LDT);
+        wmma::store_matrix_sync(dst, acc, D, wmma::mem_row_major);
+      }
+    }
+    __syncthreads();  // dK / dV final (and zeroed by all threads when there was no query tile)
+    T* dkg = static_cast<T*>(p.dk) + b * p.sdk.b + h * p.sdk.h + k0 * p.sdk.l;  // strides of k
+    T* dvg = static_cast<T*>(p.dv) + b * p.sdv.b + h * p.sdv.h + k0 * p.sdv.l;
+    for (int idx = lane; idx < 16 * D; idx += 32) {
+      const int r = k0w + idx / D, c = idx % D;
+      if (k0 + r < Lk) {
+        dkg[r * p.sdk.l + c] = Elem<T>::from_f(dKs[r * LDO + c] * p.scale);
+        dvg[r * p.sdv.l + c] = Elem<T>::from_f(dVs[r * LDO + c]);
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------- dropout mask
+__global__ void qf_keep_kernel(const QfParams p, bool* keep) {
+  const int64_t groups = (p.Lk + 3) / 4;
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (idx >= p.B * p.H * p.Lq * groups) return;
+  const int64_t row = idx / groups, g = idx % groups;
+  const PhiloxOut d = fb_dropout_draw(p.seed, p.offset, static_cast<uint64_t>(row), static_cast<uint64_t>(g));
+  for (int t = 0; t < 4 && 4 * g + t < p.Lk; ++t) keep[row * p.Lk + 4 * g + t] = fb_dropout_keep(d.x[t], p.keep_threshold);
+}
+
+// ------------------------------------------------------------------------------------------ host
+#define FB_CUDA_CHECK(expr)                                                                       \
+  do {                                                                                            \
+    const cudaError_t fb_err = (expr);                                                            \
+    TORCH_CHECK(fb_err == cudaSuccess, "fastbridge (CUDA): ", #expr, ": ", cudaGetErrorString(fb_err)); \
+  } while (0)
+
+cudaStream_t current_stream(int device) {
+  const c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
+  return static_cast<cudaStream_t>(impl.getStream(c10::Device(c10::DeviceType::CUDA, device)).native_handle());
+}
+
+int max_optin_smem(int device) {
+  int v = 0;
+  FB_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return v;
+}
+
+template <typename Kernel>
+void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, const QfParams& p, int device) {
+  TORCH_CHECK(static_cast<int>(smem) <= max_optin_smem(device), "fastbridge::qformer_attn (CUDA): needs ",
+              smem, " bytes of shared memory per block, the device allows ", max_optin_smem(device));
+  FB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<grid, block, smem, current_stream(device)>>>(p);
+  FB_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T, int D, bool X3>
+void run_fwd(const QfParams& p, int device) {
+  // 2 warps (32 query rows) when the queries fit (Q-Former cross-attention: Lq = 32), else 4 (64 rows).
+  const bool small = p.Lq <= 32;
+  if (small) {
+    using S = FwdSmem<T, D, 2>;
+    launch(qf_fwd_kernel<T, D, 2, X3>, dim3(p.B * p.H, (p.Lq + S::BM - 1) / S::BM), dim3(64), S::total, p, device);
+  } else {
+    using S = FwdSmem<T, D, 4>;
+    launch(qf_fwd_kernel<T, D, 4, X3>, dim3(p.B * p.H, (p.Lq + S::BM - 1) / S::BM), dim3(128), S::total, p, device);
+  }
+}
+
+template <typename T, int D, bool X3>
+void run_bwd(const QfParams& p, int device) {
+  launch(qf_bwd_kernel<T, D, X3>, dim3(p.B * p.H), dim3(kBwdWarps * 32), BwdSmem<T, D>::total, p, device);
+}
+
+template <typename T, bool X3, bool BWD>
+void run_d(const QfParams& p, int device) {
+  switch (p.D) {
+    case 32:
+      return BWD ? run_bwd<T, 32, X3>(p, device) : run_fwd<T, 32, X3>(p, device);
+    case 64:
+      return BWD ? run_bwd<T, 64, X3>(p, device) : run_fwd<T, 64, X3>(p, device);
+    case 128:
+      if constexpr (!std::is_same_v<T, float>) {  // fp32 at 128 would not fit an A100's shared memory
+        return BWD ? run_bwd<T, 128, X3>(p, device) : run_fwd<T, 128, X3>(p, device);
+      }
+      [[fallthrough]];
+    default:
+      TORCH_CHECK(false, "fastbridge::qformer_attn (CUDA): head dim must be 32, 64 (or 128 in bf16 / fp16), got ",
+                  p.D);
+  }
+}
+
+template <bool BWD>
+void dispatch(const QfParams& p, int device) {
+  switch (p.dtype) {
+    case ElemType::f16:
+      return run_d<__half, false, BWD>(p, device);
+    case ElemType::bf16:
+      return run_d<__nv_bfloat16, false, BWD>(p, device);
+    case ElemType::f32:
+      return p.allow_tf32 ? run_d<float, false, BWD>(p, device) : run_d<float, true, BWD>(p, device);
+  }
+}
+
+// 16-byte aligned rows and base (vector loads); else a contiguous copy.
+at::Tensor vec_aligned(const at::Tensor& t) {
+  const int64_t v = 16 / t.element_size();
+  auto ok = [&](const at::Tensor& x) {
+    if (x.stride(3) != 1 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) return false;
+    for (int d = 0; d < 3; ++d)
+      if (x.size(d) > 1 && x.stride(d) % v != 0) return false;
+    return true;
+  };
+  if (ok(t)) return t;
+  at::Tensor c = t.contiguous();
+  return ok(c) ? c : c.clone();
+}
+
+void check_cuda_inputs(const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda(), "fastbridge::qformer_attn (CUDA): q, k, v must be CUDA tensors");
+  int major = 0, minor = 0;
+  FB_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  FB_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
+  TORCH_CHECK(major >= 8, "fastbridge::qformer_attn (CUDA): needs compute capability >= 8.0, ", q.device(), " has ",
+              major, ".", minor);
+}
+
+std::tuple<at::Tensor, at::Tensor> qformer_attn_fwd_cuda(const at::Tensor& q_, const at::Tensor& k_,
+                                                         const at::Tensor& v_,
+                                                         const std::optional<at::Tensor>& key_mask,
+                                                         const std::optional<at::Tensor>& bias, double scale,
+                                                         double dropout_p, const std::optional<at::Tensor>& rng,
+                                                         bool allow_tf32) {
+  check_cuda_inputs(q_, k_);
+  const c10::DeviceGuard guard(q_.device());
+  const at::Tensor q = vec_aligned(q_), k = vec_aligned(k_), v = vec_aligned(v_);
+  QfParams p;
+  QfInputs in = prepare(p, q, k, v, key_mask, bias, scale, dropout_p, rng);
+  p.allow_tf32 = allow_tf32;
+  at::Tensor out = new_output({p.B, p.H, p.Lq, p.D}, q.options());
+  at::Tensor lse = new_output({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  if (out.numel() > 0) dispatch<false>(p, q.get_device());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qformer_attn_bwd_cuda(
+    const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_mask,
+    const std::optional<at::Tensor>& bias, double scale, double dropout_p, const std::optional<at::Tensor>& rng,
+    bool allow_tf32) {
+  check_cuda_inputs(q_, k_);
+  const c10::DeviceGuard guard(q_.device());
+  const at::Tensor q = vec_aligned(q_), k = vec_aligned(k_), v = vec_aligned(v_);
+  QfParams p;
+  QfInputs in = prepare(p, q, k, v, key_mask, bias, scale, dropout_p, rng);
+  p.allow_tf32 = allow_tf32;
+  TORCH_CHECK(dout_.sizes() == at::IntArrayRef({p.B, p.H, p.Lq, p.D}) && out.sizes() == dout_.sizes(),
+              "fastbridge::qformer_attn_bwd: dout and out must be (B, H, Lq, D)");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "fastbridge::qformer_attn_bwd: lse must be float32");
+  const at::Tensor dout = vec_aligned(dout_);
+  const at::Tensor out_c = out.contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  p.dout = dout.data_ptr();
+  p.sdo = strides3(dout);
+  p.out = const_cast<void*>(out_c.data_ptr());
+  p.lse = const_cast<float*>(lse_c.data_ptr<float>());
+  const int64_t LqP = (p.Lq + kBMQ - 1) / kBMQ * kBMQ;
+  at::Tensor dq_acc = at::zeros({p.B, p.H, LqP, p.D}, q.options().dtype(at::kFloat));
+  at::Tensor delta = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
+  at::Tensor dk = grad_like(k_);
+  at::Tensor dv = grad_like(v_);
+  p.dq_acc = dq_acc.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dk = dk.data_ptr();
+  p.sdk = strides3(dk);
+  p.dv = dv.data_ptr();
+  p.sdv = strides3(dv);
+  if (p.B * p.H > 0) dispatch<true>(p, q.get_device());
+  at::Tensor dq_full = dq_acc.narrow(2, 0, p.Lq).mul_(scale);
+  at::Tensor dq = grad_like(q_);
+  if (q_.size(0) != p.B)
+    dq.copy_(dq_full.sum(0, /*keepdim=*/true));
+  else
+    dq.copy_(dq_full);
+  return {dq, dk, dv};
+}
+
+at::Tensor qformer_dropout_keep_cuda(const at::Tensor& like, const at::Tensor& rng, int64_t Lk, double dropout_p) {
+  TORCH_CHECK(like.dim() == 4, "fastbridge::qformer_dropout_keep: like must be (B, H, Lq, D)");
+  TORCH_CHECK(dropout_p > 0.0 && dropout_p < 1.0, "fastbridge::qformer_dropout_keep: dropout_p must be in (0, 1)");
+  const c10::DeviceGuard guard(like.device());
+  QfParams p;
+  std::memset(&p, 0, sizeof(p));
+  p.B = like.size(0);
+  p.H = like.size(1);
+  p.Lq = like.size(2);
+  p.Lk = Lk;
+  const at::Tensor r = rng.contiguous();
+  TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == at::kLong && r.numel() >= 2,
+              "fastbridge::qformer_dropout_keep: rng must be an int64 CPU tensor [seed, offset]");
+  p.seed = static_cast<uint64_t>(r.data_ptr<int64_t>()[0]);
+  p.offset = static_cast<uint64_t>(r.data_ptr<int64_t>()[1]);
+  p.keep_threshold = static_cast<uint32_t>(std::ceil((1.0 - dropout_p) * 16777216.0));
+  at::Tensor keep = at::empty({p.B, p.H, p.Lq, Lk}, like.options().dtype(at::kBool));
+  const int64_t n = p.B * p.H * p.Lq * ((Lk + 3) / 4);
+  if (n > 0) {
+    qf_keep_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, current_stream(like.get_device())>>>(
+        p, keep.data_ptr<bool>());
+    FB_CUDA_CHECK(cudaGetLastError());
+  }
+  return keep;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastbridge, CUDA, m) {
+  m.impl("qformer_attn_fwd", &qformer_attn_fwd_cuda);
+  m.impl("qformer_attn_bwd", &qformer_attn_bwd_cuda);
+  m.impl("qformer_dropout_keep", &qformer_dropout_keep_cuda);
+}
+
+}  // namespace fastbridge

@@ -1,0 +1,242 @@
+"""fastbridge.ops.qformer_cross_attention: softmax(q kᵀ·scale + mask) v with dropout, fused (API.md).
+
+The op is the C++/CUDA extension (csrc/, built on first use by fastbridge/_build.py), whose schemas live
+in csrc/ops.cpp (``TORCH_LIBRARY(fastbridge, m)``):
+  fastbridge::qformer_attn_fwd  (q, k, v, key_mask?, bias?, scale, dropout_p, rng?, allow_tf32) -> (out, lse)
+  fastbridge::qformer_attn_bwd  its backward (recomputes the probabilities from lse)
+  fastbridge::qformer_dropout_keep  the dropout keep mask the kernels apply (tests, debugging)
+This module registers their autograd formula and fake (meta) kernels, so dispatch modes, profilers,
+``torch.library.opcheck`` and ``torch.compile(fullgraph=True)`` see the op by name. The "reference"
+backend calls fastbridge.reference.qformer_cross_attention with ordinary autograd, outside the op.
+
+Masks: a bool (B, Lk) key mask (True = attend) goes to the kernels as a key mask; a float mask
+broadcastable to (B, H, Lq, Lk) is added to the scaled scores (read through stride-0 broadcasting,
+never materialised). The additive mask is a constant to the kernels: if it requires grad (and grad
+mode is on) the op runs the reference, which differentiates it ("auto"), or raises ("kernel").
+A query row with no visible key gives 0 (and zero gradients).
+
+Dropout (training): inverted dropout on the probabilities, p = dropout_p, with a counter-based Philox
+stream (csrc/philox.h): the kernels draw element (b, h, i, j) from (seed, offset, row (b·H + h)·Lq + i,
+key group j / 4), so the backward replays exactly the forward's mask, and the CPU and CUDA kernels
+draw the same mask for the same ``rng = [seed, offset]``. ``rng`` is drawn from torch's generator
+(``generator`` or the default CPU generator), so ``torch.manual_seed`` makes runs reproducible.
+(The reference backend draws its mask from torch.rand instead: same distribution, other stream.)
+
+fp32 on CUDA: TF32 tensor cores. With torch's float32 matmul precision "highest" (the default) the
+kernels use the 3xTF32 split (fp32-accurate); with "high" / "medium" one TF32 product (faster,
+~1e-3 relative error, as cuBLAS under the same setting).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from .. import _build
+from .. import reference as ref
+from . import _validate as V
+
+OP = "qformer_cross_attention"
+_NS = "fastbridge"
+_FWD = f"{_NS}::qformer_attn_fwd"
+_BWD = f"{_NS}::qformer_attn_bwd"
+_KEEP = f"{_NS}::qformer_dropout_keep"
+CUDA_HEAD_DIMS = (32, 64, 128)  # 128 in bf16 / fp16 only
+
+__all__ = ["qformer_cross_attention", "philox_rng", "dropout_keep_mask"]
+
+
+# ----------------------------------------------------------------------------------- fake kernels
+def _fwd_fake(q, k, v, key_mask, bias, scale, dropout_p, rng, allow_tf32):
+    B, H, _, D = k.shape
+    Lq = q.shape[2]
+    return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+def _grad_like(t):
+    """The kernels' gradient layout (csrc/qformer_host.h grad_like): the input's own layout where it is
+    dense with a unit last stride -- so autograd stores a leaf's grad without a re-layout copy (HF passes
+    k, v as transposed views) -- else contiguous."""
+    g = torch.empty_like(t)
+    if g.dim() > 0 and g.shape[-1] > 1 and g.stride(-1) != 1:
+        g = t.new_empty(t.shape)
+    return g
+
+
+def _bwd_fake(dout, q, k, v, out, lse, key_mask, bias, scale, dropout_p, rng, allow_tf32):
+    return _grad_like(q), _grad_like(k), _grad_like(v)
+
+
+def _keep_fake(like, rng, Lk, dropout_p):
+    B, H, Lq, _ = like.shape
+    return like.new_empty((B, H, Lq, Lk), dtype=torch.bool)
+
+
+# --------------------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_mask, bias, scale, dropout_p, rng, allow_tf32 = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_mask, bias, rng)
+    ctx.cfg = (scale, dropout_p, allow_tf32)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, key_mask, bias, rng = ctx.saved_tensors
+    scale, dropout_p, allow_tf32 = ctx.cfg
+    dq, dk, dv = torch.ops.fastbridge.qformer_attn_bwd(dout, q, k, v, out, lse, key_mask, bias, scale, dropout_p,
+                                                       rng, allow_tf32)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_registered: list[bool] = []
+
+
+def _register() -> None:
+    """Fake kernels and the autograd formula of the extension's ops (once, after it is loaded)."""
+    if _registered:
+        return
+    torch.library.register_fake(_FWD)(_fwd_fake)
+    torch.library.register_fake(_BWD)(_bwd_fake)
+    torch.library.register_fake(_KEEP)(_keep_fake)
+    torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+    _registered.append(True)
+
+
+def ensure_loaded() -> None:
+    """Build / load the extension and register its Python parts; raises _build.ExtensionUnavailable."""
+    _build.load()
+    _register()
+
+
+# The extension's library declares this module as the home of its Python registrations
+# (m.set_python_module): importing it after the library was loaded registers them.
+if _build._ops_present():
+    _register()
+
+
+@torch.compiler.assume_constant_result
+def _extension_reason() -> str:
+    """'' when the extension is loaded (built on first use), else why not. Read once at trace time."""
+    try:
+        ensure_loaded()
+        return ""
+    except _build.ExtensionUnavailable as e:
+        return str(e)
+
+
+@torch.compiler.assume_constant_result
+def _cuda_kernels_built() -> bool:
+    return _build.has_cuda_kernels()
+
+
+@torch.compiler.assume_constant_result
+def _allow_tf32() -> bool:
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def _kernel_unavailable(q: Tensor, attn_mask: Optional[Tensor]) -> Optional[str]:
+    if q.dtype == torch.float64:
+        return "the C++/CUDA kernels compute in fp32 / fp16 / bf16, not float64"
+    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad and torch.is_grad_enabled():
+        return "the additive attn_mask requires grad (the kernels treat masks as constants)"
+    if q.device.type not in ("cpu", "cuda"):
+        return f"no C++/CUDA kernel for device type {q.device.type!r}"
+    reason = _extension_reason()
+    if reason:
+        return reason
+    if q.device.type == "cuda":
+        if not _cuda_kernels_built():
+            return ("the C++ extension was built without CUDA kernels (torch without CUDA, or no CUDA toolkit "
+                    "found when it was built)")
+        major, minor = torch.cuda.get_device_capability(q.device)
+        if major < 8:
+            return f"the CUDA kernels need compute capability >= 8.0, {q.device} has {major}.{minor}"
+        D = q.shape[-1]
+        if D not in CUDA_HEAD_DIMS or (D == 128 and q.dtype == torch.float32):
+            return f"the CUDA kernels support head dims 32, 64 (and 128 in bf16 / fp16), got {D} in {q.dtype}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def philox_rng(generator: Optional[torch.Generator] = None) -> Tensor:
+    """The [seed, offset] (int64, CPU) of one dropout call, drawn from ``generator`` (default: torch's)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    rng = torch.randint(0, 2**62, (2,), generator=generator, dtype=torch.int64, device=device)
+    return rng if rng.device.type == "cpu" else rng.cpu()
+
+
+def dropout_keep_mask(like: Tensor, rng: Tensor, Lk: int, dropout_p: float) -> Tensor:
+    """The bool keep mask (B, H, Lq, Lk) the kernels apply for ``rng`` to an out-shaped ``like``."""
+    ensure_loaded()
+    return torch.ops.fastbridge.qformer_dropout_keep(like, rng, int(Lk), float(dropout_p))
+
+
+def _validate(q, k, v, attn_mask, scale, dropout_p, generator):
+    V.tensor(OP, "q", q, ndim=4)
+    V.tensor(OP, "k", k, ndim=4)
+    B, H, Lk, D = k.shape
+    if q.shape[1] != H or q.shape[3] != D or q.shape[0] not in (1, B):
+        V.fail(OP, "q", f"of shape (B or 1, H, Lq, D) = ({B} or 1, {H}, Lq, {D}) (B, H, D of k)",
+               f"shape {V._fmt_shape(q.shape)}")
+    if Lk < 1:
+        V.fail(OP, "k", "of shape (B, H, Lk, D) with at least one key (Lk >= 1)", f"shape {V._fmt_shape(k.shape)}")
+    V.tensor(OP, "v", v, ndim=4)
+    V.shape(OP, "v", v, tuple(k.shape), f"(B, H, Lk, D) = {V._fmt_shape(k.shape)} (k's shape)")
+    V.same_device_dtype(OP, "q", q, {"k": k, "v": v})
+    Lq = q.shape[2]
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            V.fail(OP, "attn_mask", "None or a torch.Tensor", type(attn_mask).__name__)
+        if attn_mask.device != q.device:
+            V.fail(OP, "attn_mask", f"on q's device {q.device}", f"device {attn_mask.device}")
+        if attn_mask.dtype == torch.bool:
+            V.shape(OP, "attn_mask", attn_mask, (B, Lk), f"(B, Lk) = ({B}, {Lk}) for a bool key mask (True = attend)")
+        elif attn_mask.dtype in V.FLOAT_DTYPES:
+            target = (B, H, Lq, Lk)
+            ok = attn_mask.dim() <= 4 and all(s in (1, t) for s, t in zip(reversed(attn_mask.shape), reversed(target)))
+            if not ok:
+                V.fail(OP, "attn_mask", f"an additive float mask broadcastable to (B, H, Lq, Lk) = {target}",
+                       f"shape {V._fmt_shape(attn_mask.shape)}")
+        else:
+            V.fail(OP, "attn_mask", f"a bool key mask (B, Lk) = ({B}, {Lk}) or a float additive mask broadcastable to "
+                   f"(B, H, Lq, Lk)", f"dtype {attn_mask.dtype}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        V.fail(OP, "scale", "None or a float", type(scale).__name__)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        V.fail(OP, "dropout_p", "a float in [0, 1)", repr(dropout_p))
+    if generator is not None and not isinstance(generator, torch.Generator):
+        V.fail(OP, "generator", "None or a torch.Generator", type(generator).__name__)
+    return B, H, Lq, Lk, D
+
+
+# ------------------------------------------------------------------------------------------ public API
+def qformer_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = None,
+                            scale: Optional[float] = None, dropout_p: float = 0.0,
+                            generator: Optional[torch.Generator] = None) -> Tensor:
+    """Q-Former cross-attention: softmax(q kᵀ·scale + mask) v, inverted dropout on the probabilities.
+
+    q (B or 1, H, Lq, D) -- a query batch of 1 broadcasts over k's batch B; k, v (B, H, Lk, D).
+    attn_mask: None, a bool (B, Lk) key mask (True = attend), or an additive float mask broadcastable to
+    (B, H, Lq, Lk). scale defaults to D**-0.5. dropout_p > 0 applies dropout (pass 0.0 in eval);
+    generator: where the Philox seed is drawn from. Returns (B, H, Lq, D) in q's dtype; differentiable
+    in q, k, v. Runs the C++ (CPU) / CUDA kernels, or the reference (backend "reference", float64, ...).
+    """
+    B, H, Lq, Lk, D = _validate(q, k, v, attn_mask, scale, dropout_p, generator)
+    scale = D ** -0.5 if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    if _backend.current_backend() == "reference" or \
+            _backend.select(OP, q.device, _kernel_unavailable(q, attn_mask)) == "reference":
+        return ref.qformer_cross_attention(q, k, v, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p,
+                                           generator=generator)
+    key_mask = bias = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            key_mask = attn_mask
+        else:
+            bias = attn_mask if attn_mask.dtype == torch.float32 else attn_mask.float()  # before broadcasting
+    rng = philox_rng(generator) if dropout_p > 0.0 else None
+    out, _ = torch.ops.fastbridge.qformer_attn_fwd(q, k, v, key_mask, bias, scale, dropout_p, rng, _allow_tf32())
+    return out
