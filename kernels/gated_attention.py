@@ -159,6 +159,18 @@ def _fwd_epilogue(acc, m_m, l_m, o_p, m_p, l_p, G, OUT, LSE_M, LSE_P, b64, h64, 
 
 
 @triton.jit
+def _query_tile(pid_m, pid_bh, H, GROUP, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Batch / head / KV-head indices (int64) and the row / column offsets and masks of a query tile."""
+    b = pid_bh // H
+    h = pid_bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return (b, b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64), start_m, offs_m, offs_d, offs_m < Lq,
+            offs_d < D)
+
+
+@triton.jit
 def _gated_attn_fwd_kernel(
     Q, K, V, PK, PV, G, KPM, OUT, LSE_M, LSE_P,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, spkb, spkh, spkn, spvb, spvh, spvn, sob, soh, som,
@@ -167,17 +179,9 @@ def _gated_attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < Lq
-    mask_d = offs_d < D
+    b, b64, h64, hk64, start_m, offs_m, offs_d, mask_m, mask_d = _query_tile(tl.program_id(0), pid_bh, H, GROUP, Lq,
+                                                                             D, BLOCK_M, BLOCK_D)
     q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     o_p, m_p, l_p = _prefix_pass(q, PK + b64 * spkb + hk64 * spkh, PV + b64 * spvb + hk64 * spvh, spkn, spvn, P,
@@ -201,14 +205,7 @@ def _gated_attn_fwd_split_kernel(
     """Decode (Lq <= BLOCK_M): the main keys split across programs; unnormalised partials out."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < Lq
-    mask_d = offs_d < D
+    b, b64, h64, hk64, _, offs_m, offs_d, mask_m, mask_d = _query_tile(0, pid_bh, H, GROUP, Lq, D, BLOCK_M, BLOCK_D)
     q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     lo = pid_s * keys_per_split
@@ -231,14 +228,7 @@ def _gated_attn_fwd_combine_kernel(
 ):
     """Merge the split partials (log-sum-exp rescaling), add the gated prefix branch, write out."""
     pid_bh = tl.program_id(0)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < Lq
-    mask_d = offs_d < D
+    b, b64, h64, hk64, _, offs_m, offs_d, mask_m, mask_d = _query_tile(0, pid_bh, H, GROUP, Lq, D, BLOCK_M, BLOCK_D)
     q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     o_p, m_p, l_p = _prefix_pass(q, PK + b64 * spkb + hk64 * spkh, PV + b64 * spvb + hk64 * spvh, spkn, spvn, P,
@@ -399,17 +389,9 @@ def _gated_attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < Lq
-    mask_d = offs_d < D
+    b, b64, h64, hk64, start_m, offs_m, offs_d, mask_m, mask_d = _query_tile(tl.program_id(0), pid_bh, H, GROUP, Lq,
+                                                                             D, BLOCK_M, BLOCK_D)
     qmask = mask_m[:, None] & mask_d[None, :]
     dtype = Q.dtype.element_ty
     q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=qmask, other=0.0)
@@ -436,7 +418,7 @@ def _gated_attn_bwd_dq_kernel(
         dq += tl.dot(ds.to(dtype), k, input_precision=DOT_PREC)
 
     # Prefix branch: dS_p = P_p ∘ (g·dO pvᵀ - Δp).
-    g = tl.load(G + h).to(tl.float32)
+    g = tl.load(G + h64).to(tl.float32)
     lse_p = tl.load(LSE_P + row, mask=mask_m, other=0.0)
     delta_p = tl.load(DELTA_P + row, mask=mask_m, other=0.0)
     pk_base = PK + b64 * spkb + hk64 * spkh
