@@ -649,21 +649,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qformer_attn_bwd_cuda(
 }
 
 at::Tensor qformer_dropout_keep_cuda(const at::Tensor& like, const at::Tensor& rng, int64_t Lk, double dropout_p) {
-  TORCH_CHECK(like.dim() == 4, "fastbridge::qformer_dropout_keep: like must be (B, H, Lq, D)");
-  TORCH_CHECK(dropout_p > 0.0 && dropout_p < 1.0, "fastbridge::qformer_dropout_keep: dropout_p must be in (0, 1)");
+  const QfParams p = dropout_keep_params(like, rng, Lk, dropout_p);
   const c10::DeviceGuard guard(like.device());
-  QfParams p;
-  std::memset(&p, 0, sizeof(p));
-  p.B = like.size(0);
-  p.H = like.size(1);
-  p.Lq = like.size(2);
-  p.Lk = Lk;
-  const at::Tensor r = rng.contiguous();
-  TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == at::kLong && r.numel() >= 2,
-              "fastbridge::qformer_dropout_keep: rng must be an int64 CPU tensor [seed, offset]");
-  p.seed = static_cast<uint64_t>(r.data_ptr<int64_t>()[0]);
-  p.offset = static_cast<uint64_t>(r.data_ptr<int64_t>()[1]);
-  p.keep_threshold = static_cast<uint32_t>(std::ceil((1.0 - dropout_p) * 16777216.0));
   at::Tensor keep = at::empty({p.B, p.H, p.Lq, Lk}, like.options().dtype(at::kBool));
   const int64_t n = p.B * p.H * p.Lq * ((Lk + 3) / 4);
   if (n > 0) {

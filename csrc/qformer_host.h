@@ -139,4 +139,24 @@ inline QfInputs prepare(QfParams& p, const at::Tensor& q_, const at::Tensor& k_,
   return in;
 }
 
+// Parameters of fastbridge::qformer_dropout_keep (the debug op returning the dropout mask of an
+// out-shaped `like` for rng = [seed, offset]); shared by the CPU and CUDA implementations.
+inline QfParams dropout_keep_params(const at::Tensor& like, const at::Tensor& rng, int64_t Lk, double dropout_p) {
+  TORCH_CHECK(like.dim() == 4, "fastbridge::qformer_dropout_keep: like must be (B, H, Lq, D)");
+  TORCH_CHECK(dropout_p > 0.0 && dropout_p < 1.0, "fastbridge::qformer_dropout_keep: dropout_p must be in (0, 1)");
+  QfParams p;
+  std::memset(&p, 0, sizeof(p));
+  p.B = like.size(0);
+  p.H = like.size(1);
+  p.Lq = like.size(2);
+  p.Lk = Lk;
+  const at::Tensor r = rng.contiguous();
+  TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == at::kLong && r.numel() >= 2,
+              "fastbridge::qformer_dropout_keep: rng must be an int64 CPU tensor [seed, offset]");
+  p.seed = static_cast<uint64_t>(r.data_ptr<int64_t>()[0]);
+  p.offset = static_cast<uint64_t>(r.data_ptr<int64_t>()[1]);
+  p.keep_threshold = static_cast<uint32_t>(std::ceil((1.0 - dropout_p) * 16777216.0));
+  return p;
+}
+
 }  // namespace fastbridge
