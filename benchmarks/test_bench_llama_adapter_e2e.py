@@ -67,15 +67,7 @@ class Case:
     device: str
     dtype: str
     attn: str
-    layers: int
-    d: int
-    h: int
-    hkv: int
-    f: int
-    v: int
-    p: int
-    b: int
-    l: int
+    step: F.LlamaStepShape  # the model and batch shape (benchmarks/floors.py: FLOPs and predictions)
     provider: str
     mode: str
 
@@ -86,21 +78,19 @@ class Case:
     @property
     def id(self) -> str:
         tag = "" if self.device == "cuda" else "smoke-"
-        return f"{tag}{self.dtype}-{self.attn}-layers{self.layers}-B{self.b}-L{self.l}-{self.provider}-{self.mode}"
+        s = self.step
+        return f"{tag}{self.dtype}-{self.attn}-layers{s.layers}-B{s.b}-L{s.l}-{self.provider}-{self.mode}"
 
     @property
     def model_key(self) -> tuple:
-        return (self.device, self.dtype, self.attn, self.layers, self.d, self.h, self.hkv, self.f, self.v, self.p)
-
-    @property
-    def step(self) -> F.LlamaStepShape:
-        return F.LlamaStepShape(layers=self.layers, d=self.d, h=self.h, hkv=self.hkv, f=self.f, v=self.v, p=self.p,
-                                b=self.b, l=self.l)
+        s = self.step
+        return (self.device, self.dtype, self.attn, s.layers, s.d, s.h, s.hkv, s.f, s.v, s.p)
 
     @property
     def shape(self) -> dict:
-        return {"attn": self.attn, "layers": self.layers, "d": self.d, "H": self.h, "Hkv": self.hkv, "F": self.f,
-                "V": self.v, "P": self.p, "B": self.b, "L": self.l}
+        s = self.step
+        return {"attn": self.attn, "layers": s.layers, "d": s.d, "H": s.h, "Hkv": s.hkv, "F": s.f, "V": s.v,
+                "P": s.p, "B": s.b, "L": s.l}
 
 
 def _layers() -> int:
@@ -115,15 +105,16 @@ def _layers() -> int:
 def _cuda_cases(dtypes, quick: bool) -> list[Case]:
     attns = F.E2E_QUICK["attn"] if quick else F.E2E["attn"]
     # attn-major, then provider, then L: one model per attn, patched once (no patch / unpatch flip-flop).
-    return [Case("cuda", dt, a, s.layers, s.d, s.h, s.hkv, s.f, s.v, s.p, s.b, s.l, prov, m)
+    return [Case("cuda", dt, a, s, prov, m)
             for dt in dtypes for a in attns for prov in CUDA_PROVIDERS
             for s in F.e2e_cuda_shapes(quick, _layers()) for m in MODES]
 
 
 def _cpu_cases(dtypes) -> list[Case]:
     c = F.E2E_CPU
-    return [Case("cpu", dt, a, c["layers"], c["d"], c["h"], c["hkv"], c["f"], c["v"], c["p"], c["b"], c["l"], prov, m)
-            for dt in dtypes for a in c["attn"] for prov in CPU_PROVIDERS for m in MODES]
+    step = F.LlamaStepShape(**{k: v for k, v in c.items() if k != "attn"})
+    return [Case("cpu", dt, a, step, prov, m) for dt in dtypes for a in c["attn"] for prov in CPU_PROVIDERS
+            for m in MODES]
 
 
 def _skip_reason(c: Case) -> Optional[str]:
@@ -157,8 +148,9 @@ def build_peft_llama(c: Case):
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=c.d, num_attention_heads=c.h, num_key_value_heads=c.hkv, intermediate_size=c.f,
-                      num_hidden_layers=c.layers, vocab_size=c.v, max_position_embeddings=max(4096, c.l),
+    s = c.step
+    cfg = LlamaConfig(hidden_size=s.d, num_attention_heads=s.h, num_key_value_heads=s.hkv, intermediate_size=s.f,
+                      num_hidden_layers=s.layers, vocab_size=s.v, max_position_embeddings=max(4096, s.l),
                       rms_norm_eps=1e-5, tie_word_embeddings=False, attention_dropout=0.0, use_cache=False,
                       attn_implementation=c.attn)
     torch.manual_seed(0)
@@ -177,7 +169,7 @@ def adaption_prompt_config(c: Case):
     """PEFT's LLaMA-Adapter config: a P-token prompt and a zero-init gate in every layer."""
     from peft import AdaptionPromptConfig
 
-    return AdaptionPromptConfig(adapter_len=c.p, adapter_layers=c.layers, task_type="CAUSAL_LM")
+    return AdaptionPromptConfig(adapter_len=c.step.p, adapter_layers=c.step.layers, task_type="CAUSAL_LM")
 
 
 def adapted_modules(model) -> list[str]:
@@ -189,7 +181,7 @@ def adapted_modules(model) -> list[str]:
 
 def step_inputs(c: Case, device) -> dict:
     g = torch.Generator(device="cpu").manual_seed(1)
-    ids = torch.randint(0, c.v, (c.b, c.l), generator=g).to(device)
+    ids = torch.randint(0, c.step.v, (c.step.b, c.step.l), generator=g).to(device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
@@ -258,9 +250,9 @@ def _model(c: Case):
 
 
 def _inputs(c: Case) -> dict:
-    if _CACHE.get("inputs_key") != (c.b, c.l):
+    if _CACHE.get("inputs_key") != (c.step.b, c.step.l):
         _CACHE.pop("inputs", None)
-        _CACHE.update(inputs_key=(c.b, c.l), inputs=step_inputs(c, c.device))
+        _CACHE.update(inputs_key=(c.step.b, c.step.l), inputs=step_inputs(c, c.device))
     return _CACHE["inputs"]
 
 
@@ -274,7 +266,7 @@ def _prepare(c: Case):
         if any(is_patched(m) for m in model.modules()):
             pytest.skip("fastbridge.unpatch left patched modules: the unpatched baseline cannot be measured")
         return model, inputs
-    key = (c.b, c.l)
+    key = (c.step.b, c.step.l)
     if key not in _CACHE["checked"]:
         with fastbridge.use_backend(_backend_of(c)):
             _CACHE["checked"][key] = patch_problem(model, inputs)
@@ -307,7 +299,7 @@ def _run(fb_bench, c: Case) -> None:
         torch.cuda.empty_cache()
         pytest.skip(f"{c.id}: out of GPU memory: {oom}")
     if rec is not None:
-        tps = c.b * c.l / (rec.ms["p50"] / 1e3)
+        tps = c.step.b * c.step.l / (rec.ms["p50"] / 1e3)
         rec.extra["tokens_per_s"] = round(tps, 1)
         fb_bench.benchmark.extra_info["tokens_per_s"] = round(tps, 1)
         if c.provider != "peft":
@@ -336,7 +328,7 @@ def test_e2e_smoke_model_is_peft_cpu():
     c = _cpu_cases(["fp32"])[0]
     model = build_peft_llama(c)
     assert isinstance(model, PeftModel)
-    assert len(adapted_modules(model)) == c.layers
+    assert len(adapted_modules(model)) == c.step.layers
     trainable = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"adaption_prompt", "adaption_gate"}, trainable
     for n, p in model.named_parameters():
