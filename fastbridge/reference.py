@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["ACTIVATIONS", "apply_activation", "adapter_block", "gated_attention", "qformer_cross_attention",
-           "compute_dtype"]
+           "compute_dtype", "gate_values"]
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
@@ -53,13 +53,14 @@ def adapter_block(x, w_down, b_down, w_up, b_up, *, ln_weight=None, ln_bias=None
     return (res.to(cdt) + s * u).to(x.dtype)
 
 
-def _gate_values(gate: torch.Tensor, gate_fn: str, H: int, dtype: torch.dtype) -> torch.Tensor:
+def gate_values(gate: torch.Tensor, gate_fn: str, H: int, dtype: torch.dtype) -> torch.Tensor:
+    """Per-head gate multiplier g (H,): tanh(gate) or gate itself, broadcast from () / (1,)."""
     g = gate.to(dtype)
     if gate_fn == "tanh":
         g = torch.tanh(g)
     elif gate_fn != "identity":
         raise ValueError(f"gate_fn: expected 'tanh' or 'identity', got {gate_fn!r}")
-    return g.reshape(-1).expand(H).reshape(1, H, 1, 1) if g.numel() == 1 else g.reshape(1, H, 1, 1)
+    return g.reshape(-1).expand(H) if g.numel() == 1 else g.reshape(H)
 
 
 def _masked_softmax(scores: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
@@ -100,7 +101,7 @@ def gated_attention(q, k, v, prefix_k, prefix_v, gate, *, causal=True, scale=Non
         visible = kpm if visible is None else visible & kpm
     main = _masked_softmax(qc @ kc.transpose(-1, -2) * s, visible) @ vc
     pref = torch.softmax(qc @ pk.transpose(-1, -2) * s, dim=-1) @ pv
-    out = main + _gate_values(gate, gate_fn, H, cdt) * pref
+    out = main + gate_values(gate, gate_fn, H, cdt).reshape(1, H, 1, 1) * pref
     return out.to(q.dtype)
 
 

@@ -302,8 +302,7 @@ class AdaptionPromptAttention(nn.Module):
         p = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) * visible.any(-1, keepdim=True)
         main = p @ v
         pp = F.softmax((q @ pk.transpose(-1, -2)) * self.scale, dim=-1, dtype=torch.float32).to(q.dtype)
-        g = torch.tanh(self.adaption_gate) if self.gate_fn == "tanh" else self.adaption_gate
-        g = g.reshape(-1).expand(H) if g.numel() == 1 else g
+        g = ref.gate_values(self.adaption_gate, self.gate_fn, H, self.adaption_gate.dtype)
         return main + g.to(q.dtype).view(1, H, 1, 1) * (pp @ pv)
 
 

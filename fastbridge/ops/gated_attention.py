@@ -125,14 +125,6 @@ def _validate(q, k, v, prefix_k, prefix_v, gate, causal, scale, gate_fn, key_pad
     return H, D
 
 
-def gate_values(gate: Tensor, gate_fn: str, H: int) -> Tensor:
-    """Per-head gate multiplier g (H,) in fp32: tanh(gate) or gate, broadcast from () / (1,)."""
-    g = gate.float()
-    if gate_fn == "tanh":
-        g = torch.tanh(g)
-    return g.reshape(-1).expand(H) if g.numel() == 1 else g.reshape(H)
-
-
 def gated_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, gate: Tensor, *,
                     causal: bool = True, scale: Optional[float] = None, gate_fn: str = "tanh",
                     key_padding_mask: Optional[Tensor] = None) -> Tensor:
@@ -150,6 +142,6 @@ def gated_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v:
     if _backend.select(OP, q.device, _kernel_unavailable(q)) == "reference":
         return ref.gated_attention(q, k, v, prefix_k, prefix_v, gate, causal=causal, scale=s, gate_fn=gate_fn,
                                    key_padding_mask=key_padding_mask)
-    g = gate_values(gate, gate_fn, H)
+    g = ref.gate_values(gate, gate_fn, H, torch.float32)
     out, _, _ = _gated_attention_op(q, k, v, prefix_k, prefix_v, g, causal, s, key_padding_mask)
     return out
