@@ -30,6 +30,9 @@ packages = [
     "fastbridge.ops",
     "fastbridge.modules",
     "fastbridge.integrations",
+    "fastbridge.data",
+    "fastbridge.eval",
+    "fastbridge.train",
     "fastbridge.kernels",
     "fastbridge.csrc",
 ]
@@ -53,8 +56,14 @@ extras = {
         "safetensors",
         "expecttest",
         "matplotlib",
+        # the end-to-end pipeline (fastbridge demo / train) is tested too
+        "datasets",
+        "pycocoevalcap",
+        "pillow",
+        "tqdm",
     ],
-    "eval": ["pycocoevalcap", "datasets", "pillow", "matplotlib", "tqdm"],
+    # fastbridge demo / train: data through datasets, scores through pycocoevalcap, plots, progress bars
+    "eval": ["transformers>=4.57", "datasets", "pycocoevalcap", "pillow", "matplotlib", "tqdm"],
 }
 extras["all"] = sorted(set(extras["test"]) | set(extras["eval"]))
 

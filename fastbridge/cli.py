@@ -1,4 +1,4 @@
-"""fastbridge command line: ``fastbridge info | build | bench`` (also ``python -m fastbridge ...``)."""
+"""fastbridge command line: ``fastbridge info | build | bench | train | demo`` (also ``python -m fastbridge ...``)."""
 from __future__ import annotations
 
 import argparse
@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("build", help="prebuild the C++/CUDA extension (otherwise built on first use)")
     sub.add_parser("bench", help="run the benchmark suite (pytest benchmarks/ --benchmark-only), then print "
                                  "the table and write plots; other arguments are passed to pytest")
+    from .train.cli import add_demo_arguments, add_train_arguments
+
+    add_train_arguments(sub.add_parser("train", help="train one vision-language bridge (see --help)"))
+    add_demo_arguments(sub.add_parser("demo", help="train and score bridges on synthetic data, before vs after"))
     args, extra = parser.parse_known_args(argv)
     if extra and args.cmd != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -75,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import run_bench
 
         return run_bench(extra)  # every other argument goes to pytest (e.g. -k blip --fb-quick)
+    if args.cmd in ("train", "demo"):
+        from .train import cli as train_cli
+
+        return train_cli.train_main(args) if args.cmd == "train" else train_cli.demo_main(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

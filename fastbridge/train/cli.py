@@ -1,0 +1,187 @@
+"""``fastbridge train`` and ``fastbridge demo``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+from .models import BRIDGES, SIZES
+
+__all__ = ["add_train_arguments", "add_demo_arguments", "train_main", "demo_main", "summary_table"]
+
+DEMO_BRIDGES = ("llama-adapter", "qformer")   # the demo's default: one bridge of each kernel family
+SHOWN = (("BLEU-4", "caption", "BLEU-4"), ("METEOR", "caption", "METEOR"), ("ROUGE-L", "caption", "ROUGE-L"),
+         ("CIDEr", "caption", "CIDEr"), ("VQA acc", "vqa", "accuracy"))
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", choices=tuple(SIZES), default=None,
+                   help="model size (default: tiny on CPU, small on CUDA)")
+    p.add_argument("--out", default=None, help="output folder (metrics.json, PNGs, checkpoints)")
+    p.add_argument("--data-dir", default=None, help="synthetic data folder (created if missing)")
+    p.add_argument("--coco-captions", default=None, help="COCO captions JSON (Karpathy dataset_coco.json or official)")
+    p.add_argument("--coco-images", default=None, help="COCO image folder for --coco-captions")
+    p.add_argument("--n-train", type=int, default=None, help="training images")
+    p.add_argument("--n-val", type=int, default=None, help="validation images (scored)")
+    p.add_argument("--steps", type=int, default=None, help="bridge training steps")
+    p.add_argument("--warmup-lm-steps", type=int, default=None,
+                   help="text-only LM steps that stand in for a pretrained LM (random-init models)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--tasks", default="caption,vqa", help="comma list of caption, vqa")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bridge", choices=BRIDGES, default="llama-adapter")
+    _common(p)
+    p.add_argument("--pretrained", default=None, help="local checkpoint directory (see build_model)")
+    p.add_argument("--eager", action="store_true", help="train unpatched (fastbridge.unpatch): the eager baseline")
+    p.add_argument("--compare", action="store_true", help="train eager and fastbridge from the same seed and compare")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/bridge.safetensors + trainer state")
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bridge", default=",".join(DEMO_BRIDGES),
+                   help=f"comma list of bridges or 'all' (default: {','.join(DEMO_BRIDGES)})")
+    _common(p)
+    p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train the eager baseline and report the speed-up (default: on with CUDA)")
+
+
+def _defaults(size: str, cuda: bool) -> dict:
+    if size == "test":  # CI: checks the whole pipeline runs, learns nothing
+        return dict(n_train=16, n_val=6, steps=4, warmup_lm_steps=4, batch_size=4, lr=3e-3)
+    if size == "tiny":
+        return dict(n_train=1500, n_val=100, steps=300, warmup_lm_steps=300, batch_size=32, lr=3e-3)
+    if size == "small":
+        return dict(n_train=8000, n_val=500, steps=1500, warmup_lm_steps=1000, batch_size=64, lr=1e-3)
+    return dict(n_train=20000, n_val=1000, steps=3000, warmup_lm_steps=2000, batch_size=64, lr=5e-4)
+
+
+def _config(args, bridge: str, out: Path):
+    import torch
+
+    from .loop import TrainConfig
+
+    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda") or str(args.device).startswith("cuda")
+    size = args.size or ("small" if cuda else "tiny")
+    d = _defaults(size, cuda)
+    given = {k: getattr(args, k) for k in ("n_train", "n_val", "steps", "warmup_lm_steps", "batch_size", "lr")
+             if getattr(args, k, None) is not None}
+    d.update(given)
+    kw = dict(bridge=bridge, size=size, out_dir=str(out), data_dir=args.data_dir, coco_captions=args.coco_captions,
+              coco_images=args.coco_images, seed=args.seed, device=args.device, dtype=args.dtype,
+              tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), progress=not args.no_progress, **d)
+    for extra in ("pretrained", "resume"):
+        if getattr(args, extra, None):
+            kw[extra] = getattr(args, extra)
+    if getattr(args, "eager", False):
+        kw["patched"] = False
+    return TrainConfig(**kw)
+
+
+def _fmt(v, pct=False):
+    if v is None:
+        return "—"
+    return f"{v:.1f}" if pct else f"{v:.3f}"
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Markdown table: per bridge, untrained → trained scores, trainable parameters, step time."""
+    head = ["bridge", "trainable", *(n for n, _, _ in SHOWN), "step ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["bridge"], f"{r['trainable_params']:,}"]
+        for _, task, key in SHOWN:
+            b = ((r.get("before") or {}).get(task) or {}).get(key)
+            a = ((r.get("after") or {}).get(task) or {}).get(key)
+            pct = task == "vqa"
+            cells.append("—" if a is None else f"{_fmt(b, pct)} → {_fmt(a, pct)}")
+        ms = r.get("step_ms_median")
+        cells.append("—" if ms is None else f"{ms:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _setup_logging() -> None:
+    log = logging.getLogger("fastbridge")
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("[fastbridge] %(message)s"))
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+
+
+def train_main(args) -> int:
+    from .loop import compare, run
+
+    _setup_logging()
+    out = Path(args.out or f"fastbridge-runs/{args.bridge}")
+    cfg = _config(args, args.bridge, out)
+    if args.compare:
+        res = compare(cfg)
+        c = res["comparison"]
+        print(json.dumps(c, indent=1))
+        print(f"wrote {out / 'compare.json'} and {out / 'compare.png'}")
+        return 0
+    m = run(cfg)
+    print(summary_table([{**m, "bridge": cfg.bridge}]))
+    print(f"wrote {out / 'metrics.json'}, {out / 'loss.png'}, {out / 'bridge.safetensors'}")
+    return 0
+
+
+def demo_main(args) -> int:
+    import torch
+
+    from .loop import compare, run
+    from .plots import plot_losses
+
+    _setup_logging()
+    t0 = time.perf_counter()
+    bridges = BRIDGES if args.bridge == "all" else tuple(b.strip() for b in args.bridge.split(",") if b.strip())
+    bad = [b for b in bridges if b not in BRIDGES]
+    if bad:
+        print(f"fastbridge demo: --bridge must be 'all' or a comma list of {BRIDGES}, got {bad}", file=sys.stderr)
+        return 2
+    out = Path(args.out or "fastbridge-demo")
+    do_compare = torch.cuda.is_available() if args.compare is None else args.compare
+    rows, comparisons, curves = [], {}, {}
+    for b in bridges:
+        cfg = _config(args, b, out / b)
+        if cfg.data_dir is None:  # one data set for all bridges
+            cfg = replace(cfg, data_dir=str(out / f"data-{cfg.n_train}-{cfg.n_val}-{SIZES[cfg.size].image_size}"))
+        if do_compare:
+            res = compare(cfg)
+            comparisons[b] = res["comparison"]
+            m = json.loads((Path(cfg.out_dir) / "fastbridge" / "metrics.json").read_text())
+        else:
+            m = run(cfg)
+        rows.append({**m, "bridge": b})
+        curves[b] = m["losses"]
+    plot_losses(curves, out / "loss.png", title="bridge training loss (fastbridge)")
+    table = summary_table(rows)
+    summary = {"versions": rows[0]["versions"] if rows else {}, "minutes": (time.perf_counter() - t0) / 60,
+               "rows": [{k: r[k] for k in ("bridge", "trainable_params", "total_params", "before", "after",
+                                           "step_ms_median", "peak_mb", "config")} for r in rows],
+               "comparisons": comparisons}
+    (out / "demo.json").write_text(json.dumps(summary, indent=1))
+    (out / "demo.md").write_text(table + "\n")
+    print()
+    print(f"fastbridge demo on {summary['versions'].get('device', '?')}: untrained → trained "
+          f"(validation set, pycocoevalcap; VQA accuracy in %)")
+    print(table)
+    for b, c in comparisons.items():
+        sp = c.get("speedup")
+        print(f"{b}: eager vs fastbridge — max |loss diff| {c['loss_max_abs_diff']:.2e}, "
+              f"step {c['step_ms_median']['eager']:.1f} → {c['step_ms_median']['fastbridge']:.1f} ms"
+              + (f" ({sp:.2f}x)" if sp else ""))
+    print(f"wrote {out / 'demo.json'}, {out / 'demo.md'}, {out / 'loss.png'} ({summary['minutes']:.1f} min)")
+    return 0

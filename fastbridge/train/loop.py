@@ -1,0 +1,686 @@
+"""Training and evaluation of one bridge: data → (LM warm-up) → bridge training → captions / VQA scores.
+
+``run(config)`` is what ``fastbridge train`` and ``fastbridge demo`` call. It writes into
+``config.out_dir``: ``metrics.json`` (config, versions, before / after scores, step times, peak memory,
+loss history), ``loss.png``, ``bridge.safetensors`` (only the trainable bridge, ``save_trainable``),
+``trainer_state.json`` + ``optimizer.safetensors`` (resume), ``base.safetensors`` (the frozen base of a
+random-init model after its text-only warm-up, the stand-in for a pretrained checkpoint) and the
+tokenizer. ``compare(config)`` trains the eager and the fastbridge model from the same seed and base.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .models import BRIDGES, SIZES, BridgeModel, ModelSize, build_model
+
+logger = logging.getLogger("fastbridge")
+
+__all__ = ["TrainConfig", "Example", "run", "compare", "evaluate", "greedy_decode", "caption_loss"]
+
+TASKS = ("caption", "vqa")
+IMAGE_MEAN, IMAGE_STD = 0.5, 0.5
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (saved into metrics.json; ``fastbridge train --help`` lists them)."""
+    bridge: str = "llama-adapter"
+    size: str = "tiny"
+    out_dir: str = "fastbridge-run"
+    data_dir: Optional[str] = None       # synthetic set root (made if missing); default under out_dir/..
+    coco_captions: Optional[str] = None  # Karpathy / official COCO captions JSON (real data instead)
+    coco_images: Optional[str] = None
+    n_train: int = 2000
+    n_val: int = 100
+    tasks: tuple = TASKS
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_lm_steps: int = 3000  # text-only LM training of a random-init base (0: none)
+    warmup_vision_steps: int = 600  # contrastive image-caption training of a random-init vision encoder
+    lm_lr: float = 3e-3
+    seed: int = 0
+    patched: bool = True         # fastbridge.patch (fused kernels) or unpatch (eager)
+    device: str = "auto"
+    dtype: str = "auto"          # fp32 | bf16 | fp16 | auto (bf16 autocast on CUDA, fp32 on CPU)
+    pretrained: Optional[str] = None
+    resume: bool = False
+    eval_batch_size: int = 64
+    max_new_tokens: int = 20
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.bridge not in BRIDGES:
+            raise ValueError(f"TrainConfig: bridge must be one of {BRIDGES}, got {self.bridge!r}")
+        if self.size not in SIZES:
+            raise ValueError(f"TrainConfig: size must be one of {tuple(SIZES)}, got {self.size!r}")
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad or not self.tasks:
+            raise ValueError(f"TrainConfig: tasks must be a non-empty subset of {TASKS}, got {self.tasks!r}")
+        for name in ("steps", "batch_size", "n_train", "n_val", "eval_batch_size", "max_new_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (0 if name == "steps" else 1):
+                raise ValueError(f"TrainConfig: {name} must be a positive int, got {v!r}")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"TrainConfig: dtype must be one of auto, fp32, bf16, fp16, got {self.dtype!r}")
+        if (self.coco_captions is None) != (self.coco_images is None):
+            raise ValueError("TrainConfig: coco_captions and coco_images go together (annotations JSON and image dir)")
+        self.tasks = tuple(self.tasks)
+        if self.coco_captions is not None and "vqa" in self.tasks:
+            self.tasks = tuple(t for t in self.tasks if t != "vqa")  # COCO captions carry no questions
+
+
+@dataclass
+class Example:
+    image: int          # row of the image table
+    prompt: str
+    target: str
+
+
+# ------------------------------------------------------------------------------------------------ plumbing
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"TrainConfig: device {name!r} asked for, but torch sees no CUDA device")
+    return dev
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pixel_tensor(images, image_size: int) -> Tensor:
+    """PIL images -> (N, 3, S, S) float32 normalised to [-1, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    out = torch.empty(len(images), 3, image_size, image_size)
+    for i, im in enumerate(images):
+        im = im.convert("RGB")
+        if im.size != (image_size, image_size):
+            im = im.resize((image_size, image_size), Image.BICUBIC)
+        out[i] = torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 255.0
+    return (out - IMAGE_MEAN) / IMAGE_STD
+
+
+# Text layout, shared by the LM warm-up and the bridge: [bos] <context> . <task text> [eos]. In the warm-up
+# the context is another caption of the same scene (text only); with the bridge it is the image (visual
+# tokens after [bos], or adaption prompts). So the frozen LM knows how to read a description from its
+# context -- what a pretrained LM brings -- and the bridge learns to describe the image to it.
+CONTEXT_SEP = "."
+CAPTION_PROMPT = CONTEXT_SEP
+
+
+def vqa_prompt(question: str) -> str:
+    return f"{CONTEXT_SEP} question: {question} answer:"
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class SplitData:
+    pixels: Tensor                                   # (N, 3, S, S) for every image of the split
+    image_ids: list
+    captions: dict = field(default_factory=dict)     # image_id -> [refs]
+    questions: list = field(default_factory=list)    # dicts: question_id, image (row), question, answers, type
+
+
+def load_data(cfg: TrainConfig, size: ModelSize):
+    """(train, val) SplitData and every training text (for the tokenizer and the LM warm-up)."""
+    from .. import data as fbdata
+
+    if cfg.coco_captions is not None:
+        train = fbdata.load_coco_captions(cfg.coco_captions, cfg.coco_images, split="train")
+        val = fbdata.load_coco_captions(cfg.coco_captions, cfg.coco_images, split="val")
+        train = train.select(range(min(cfg.n_train, len(train))))
+        val = val.select(range(min(cfg.n_val, len(val))))
+        splits = {"train": (train, None), "validation": (val, None)}
+    else:
+        root = Path(cfg.data_dir) if cfg.data_dir else Path(cfg.out_dir).parent / \
+            f"fastbridge-synthetic-{cfg.n_train}-{cfg.n_val}-{size.image_size}"
+        fbdata.make_synthetic(root, n_train=cfg.n_train, n_val=cfg.n_val, n_test=0, image_size=size.image_size,
+                              seed=0, progress=cfg.progress)
+        dd = fbdata.load_synthetic(root, cache_dir=str(root) + "-hf-cache")
+        splits = {k: (fbdata.caption_view(dd[k]), fbdata.vqa_view(dd[k]) if "vqa" in cfg.tasks else None)
+                  for k in ("train", "validation")}
+    out = {}
+    for name, (caps, vqa) in splits.items():
+        row = {iid: i for i, iid in enumerate(caps["image_id"])}
+        sd = SplitData(pixels=pixel_tensor(caps["image"], size.image_size), image_ids=list(caps["image_id"]),
+                       captions=dict(zip(caps["image_id"], caps["captions"])))
+        if vqa is not None:
+            cols = vqa.remove_columns([c for c in vqa.column_names if c == "image"])
+            for q in cols:
+                sd.questions.append(dict(question_id=q["question_id"], image=row[q["image_id"]],
+                                         question=q["question"], answers=list(q["answers"]),
+                                         answer=q["multiple_choice_answer"], answer_type=q["answer_type"]))
+        out[name] = sd
+    return out["train"], out["validation"]
+
+
+def training_examples(split: SplitData, tasks: Sequence[str]) -> list[Example]:
+    ex = []
+    if "caption" in tasks:
+        row = {iid: i for i, iid in enumerate(split.image_ids)}
+        for iid, refs in split.captions.items():
+            ex += [Example(row[iid], CAPTION_PROMPT, c) for c in refs]
+    if "vqa" in tasks:
+        ex += [Example(q["image"], vqa_prompt(q["question"]), q["answer"]) for q in split.questions]
+    return ex
+
+
+def warmup_texts(split: SplitData, tasks: Sequence[str], seed: int) -> list[str]:
+    """Text-only documents for the LM warm-up: a caption as context, then another caption of the same
+    scene or a question about it with its answer (no image anywhere)."""
+    rng = random.Random(seed)
+    row_caps = {i: split.captions[iid] for i, iid in enumerate(split.image_ids)}
+    docs = []
+    if "caption" in tasks:
+        for refs in row_caps.values():
+            for j, c in enumerate(refs):
+                docs.append(f"{refs[(j + 1 + rng.randrange(len(refs) - 1)) % len(refs)] if len(refs) > 1 else c} "
+                            f"{CAPTION_PROMPT} {c}")
+    if "vqa" in tasks:
+        for q in split.questions:
+            docs.append(f"{rng.choice(row_caps[q['image']])} {vqa_prompt(q['question'])} {q['answer']}")
+    return docs
+
+
+def encode_batch(tokenizer, examples: Sequence[Example], device) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded [bos] prompt target [eos]; labels (-100 outside the target) aligned with the logits
+    (position i predicts token i + 1)."""
+    seqs, starts = [], []
+    for e in examples:
+        p = tokenizer.encode(e.prompt, add_special_tokens=False) if e.prompt else []
+        t = tokenizer.encode(e.target, add_special_tokens=False)
+        seqs.append([tokenizer.bos_token_id] + p + t + [tokenizer.eos_token_id])
+        starts.append(1 + len(p))
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    labels = torch.full((len(seqs), L), -100, dtype=torch.long)
+    for i, (s, st) in enumerate(zip(seqs, starts)):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+        labels[i, st - 1:len(s) - 1] = ids[i, st:len(s)]
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def caption_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def _lm_labels(ids: Tensor, mask: Tensor) -> Tensor:
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return labels
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+@torch.no_grad()
+def greedy_decode(model: BridgeModel, tokenizer, pixels: Tensor, prompts: Sequence[str], *, max_new_tokens: int,
+                  batch_size: int, device, amp: Optional[torch.dtype] = None) -> list[str]:
+    """Greedy decoding, batched by prompt length (no padding inside a batch). Returns the decoded text."""
+    model.eval()
+    enc = [[tokenizer.bos_token_id] + (tokenizer.encode(p, add_special_tokens=False) if p else []) for p in prompts]
+    order = sorted(range(len(enc)), key=lambda i: (len(enc[i]), i))
+    out: list[Optional[str]] = [None] * len(enc)
+    i = 0
+    while i < len(order):
+        L = len(enc[order[i]])
+        group = []
+        while i < len(order) and len(enc[order[i]]) == L and len(group) < batch_size:
+            group.append(order[i])
+            i += 1
+        ids = torch.tensor([enc[g] for g in group], device=device)
+        px = pixels[group].to(device)
+        done = torch.zeros(len(group), dtype=torch.bool, device=device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            state = model.image_state(px)
+            for _ in range(max_new_tokens):
+                logits = model.text_logits(state, ids, torch.ones_like(ids))[:, -1]
+                nxt = logits.argmax(-1).masked_fill(done, tokenizer.pad_token_id)
+                ids = torch.cat([ids, nxt[:, None]], dim=1)
+                done |= nxt == tokenizer.eos_token_id
+                if bool(done.all()):
+                    break
+        for g, row in zip(group, ids[:, L:].tolist()):
+            toks = row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
+            toks = [t for t in toks if t != tokenizer.pad_token_id]
+            out[g] = tokenizer.decode(toks, skip_special_tokens=True).strip()
+    return out  # type: ignore[return-value]
+
+
+def evaluate(model: BridgeModel, tokenizer, split: SplitData, cfg: TrainConfig, device, amp=None,
+             log: Callable[[str], None] = logger.info) -> dict:
+    """Caption metrics (pycocoevalcap) on the split's images and VQA accuracy on its questions."""
+    from .. import eval as fbeval
+
+    result: dict = {}
+    if "caption" in cfg.tasks:
+        caps = greedy_decode(model, tokenizer, split.pixels, [CAPTION_PROMPT] * len(split.image_ids),
+                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, device=device, amp=amp)
+        preds = dict(zip(split.image_ids, caps))
+        scores = fbeval.caption_metrics(preds, split.captions, log=log)
+        result["caption"] = scores.scores
+        result["caption_skipped"] = dict(scores.skipped)
+        result["examples"] = [{"image_id": iid, "prediction": preds[iid], "references": split.captions[iid][:2]}
+                              for iid in split.image_ids[:4]]
+    if "vqa" in cfg.tasks and split.questions:
+        qs = split.questions
+        ans = greedy_decode(model, tokenizer, split.pixels[[q["image"] for q in qs]],
+                            [vqa_prompt(q["question"]) for q in qs], max_new_tokens=6,
+                            batch_size=cfg.eval_batch_size, device=device, amp=amp)
+        acc = fbeval.vqa_accuracy({q["question_id"]: a for q, a in zip(qs, ans)},
+                                  {q["question_id"]: q["answers"] for q in qs},
+                                  answer_types={q["question_id"]: q["answer_type"] for q in qs})
+        result["vqa"] = {"accuracy": acc["overall"], **{f"accuracy/{k}": v for k, v in acc["per_answer_type"].items()}}
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _batches(n: int, batch_size: int, seed: int, start_step: int, steps: int):
+    """Index batches for steps [start_step, steps): epoch-wise permutations from one seeded generator,
+    so a resumed run sees exactly the batches the uninterrupted run would have."""
+    g = torch.Generator().manual_seed(seed)
+    per_epoch = max(1, n // batch_size)
+    perm, epoch = None, -1
+    for step in range(steps):
+        e = step // per_epoch
+        if e != epoch:
+            perm, epoch = torch.randperm(n, generator=g), e
+        if step >= start_step:
+            j = (step % per_epoch) * batch_size
+            yield step, perm[j:j + batch_size].tolist()
+
+
+def _progress(iterable, total, desc, enabled):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_bridge(model: BridgeModel, tokenizer, train: SplitData, cfg: TrainConfig, device, amp, out: Path,
+                 start_step: int = 0, opt_state: Optional[dict] = None) -> dict:
+    examples = training_examples(train, cfg.tasks)
+    params = [p for _, p in model.trainable_parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    model.train()
+    losses, times = [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = _progress(_batches(len(examples), cfg.batch_size, cfg.seed, start_step, cfg.steps), cfg.steps - start_step,
+                    f"train {cfg.bridge} ({'fastbridge' if cfg.patched else 'eager'})", cfg.progress)
+    for step, idx in bar:
+        batch = [examples[i] for i in idx]
+        ids, mask, labels = encode_batch(tokenizer, batch, device)
+        px = train.pixels[[e.image for e in batch]].to(device, non_blocking=True)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg.steps, cfg.lr, max(1, cfg.steps // 20))
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = caption_loss(model(px, ids, mask), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+        if cfg.progress and hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        elif (step + 1) % cfg.log_every == 0:
+            logger.info("step %d/%d loss %.4f", step + 1, cfg.steps, losses[-1])
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"losses": losses, "step_times": times, "peak_mb": peak, "optimizer": opt.state_dict()}
+
+
+def _versions() -> dict:
+    import transformers
+
+    from .. import __version__
+
+    v = {"fastbridge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+         "python": platform.python_version(), "machine": platform.machine(),
+         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"}
+    try:
+        import subprocess
+
+        v["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                  cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or None
+    except Exception:  # noqa: BLE001 - not a git checkout
+        v["git"] = None
+    return v
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else None
+
+
+def _base_dir(cfg: TrainConfig, kind: str) -> Path:
+    """Where the warmed-up base of this data / size / warm-up lives, shared by runs in sibling folders."""
+    import hashlib
+
+    key = json.dumps([kind, cfg.size, cfg.n_train, cfg.data_dir, cfg.coco_captions, list(cfg.tasks),
+                      cfg.warmup_lm_steps, cfg.warmup_vision_steps, cfg.lm_lr, cfg.batch_size, cfg.seed])
+    return Path(cfg.out_dir).resolve().parent / f"base-{kind}-{cfg.size}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def warmup_language_model(lm_logits: Callable[[Tensor, Tensor], Tensor], params: list, tokenizer,
+                          texts: Sequence[str], cfg: TrainConfig, device, amp) -> list:
+    """Text-only causal-LM training (random-init bases only): the stand-in for a pretrained LM, which the
+    bridge then learns to ground in the image. Trains ``params`` only; returns the loss history."""
+    opt = torch.optim.AdamW(params, lr=cfg.lm_lr, weight_decay=0.0)
+    hist = []
+    for step, idx in _progress(_batches(len(texts), cfg.batch_size, cfg.seed + 1, 0, cfg.warmup_lm_steps),
+                               cfg.warmup_lm_steps, "LM warm-up (text only)", cfg.progress):
+        ids, mask, _ = encode_batch(tokenizer, [Example(0, "", texts[i]) for i in idx], device)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg.warmup_lm_steps, cfg.lm_lr, max(1, cfg.warmup_lm_steps // 10))
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = caption_loss(lm_logits(ids, mask), _lm_labels(ids, mask))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        hist.append(loss.item())
+    return hist
+
+
+def warmup_vision(vision: nn.Module, tokenizer, train: SplitData, cfg: TrainConfig, device, amp) -> list:
+    """CLIP-style contrastive image–caption training of a random-init vision encoder (random-init bases
+    only): the stand-in for a pretrained image encoder (CLIP / EVA ViT), which the studies keep frozen.
+    The text side is a bag of words, thrown away afterwards. Returns the loss history."""
+    dim = 128
+    width = vision.config.hidden_size
+    text = nn.EmbeddingBag(len(tokenizer), dim, mode="mean").to(device)
+    head = nn.Linear(width, dim).to(device)
+    logit_scale = nn.Parameter(torch.tensor(math.log(10.0), device=device))
+    params = [*vision.parameters(), *text.parameters(), *head.parameters(), logit_scale]
+    opt = torch.optim.AdamW(params, lr=cfg.lm_lr, weight_decay=0.0)
+    rows = list(range(len(train.image_ids)))
+    rng = random.Random(cfg.seed + 2)
+    hist = []
+    vision.train()
+    bs = max(2, min(cfg.batch_size * 2, len(rows)))
+    for step, idx in _progress(_batches(len(rows), bs, cfg.seed + 2, 0, cfg.warmup_vision_steps),
+                               cfg.warmup_vision_steps, "vision warm-up (contrastive)", cfg.progress):
+        caps = [rng.choice(train.captions[train.image_ids[i]]) for i in idx]
+        toks = [tokenizer.encode(c, add_special_tokens=False) or [tokenizer.unk_token_id] for c in caps]
+        flat = torch.tensor([t for ts in toks for t in ts], device=device)
+        offsets = torch.tensor([0] + [len(t) for t in toks[:-1]], device=device).cumsum(0)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg.warmup_vision_steps, cfg.lm_lr, max(1, cfg.warmup_vision_steps // 10))
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            img = head(vision(pixel_values=train.pixels[idx].to(device)).last_hidden_state.mean(1))
+        img = F.normalize(img.float(), dim=-1)
+        txt = F.normalize(text(flat, offsets).float(), dim=-1)
+        logits = logit_scale.exp().clamp(max=100) * img @ txt.T
+        target = torch.arange(len(idx), device=device)
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        hist.append(loss.item())
+    return hist
+
+
+def prepare(cfg: TrainConfig, log: Callable[[str], None] = logger.info) -> dict:
+    """Data, tokenizer and the model with its frozen base.
+
+    A random-init base gets its language model warmed up on text alone once (``warmup_lm_steps``) and
+    cached in a ``base-*`` folder next to ``out_dir``: for the LLaMA-based bridges a LlamaForCausalLM
+    checkpoint (``save_pretrained``) that every such bridge of the same size and data loads, for the BLIP
+    adapter bridge the text decoder's weights. The tokenizer (built from the training text) lives there too.
+    """
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from ..data import build_tokenizer
+    from .models import build_language_model
+
+    size = SIZES[cfg.size]
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg, device)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    train, val = load_data(cfg, size)
+    log(f"data: {len(train.image_ids)} train / {len(val.image_ids)} val images, {len(train.questions)} / "
+        f"{len(val.questions)} questions ({time.perf_counter() - t0:.1f}s)")
+    texts = warmup_texts(train, cfg.tasks, cfg.seed)
+    warm_hist: list = []
+    if cfg.pretrained:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained)
+        model = build_model(cfg.bridge, tokenizer, size=size, pretrained=cfg.pretrained, seed=cfg.seed)
+        return dict(size=size, device=device, amp=amp, out=out, train=train, val=val, tokenizer=tokenizer,
+                    model=model.to(device), warmup_losses=warm_hist)
+    kind = "blip" if cfg.bridge == "adapter" else "llama"
+    base = _base_dir(cfg, kind)
+    if (base / "tokenizer" / "tokenizer.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
+    else:
+        tokenizer = build_tokenizer(texts)
+        tokenizer.save_pretrained(base / "tokenizer")
+    tokenizer.save_pretrained(out / "tokenizer")
+    warm = cfg.warmup_lm_steps > 0
+    hist_file = base / "warmup_losses.json"
+    if kind == "llama":
+        lm_dir = base / "lm"
+        if warm and not (lm_dir / "config.json").exists():
+            t0 = time.perf_counter()
+            lm = build_language_model(tokenizer, size, seed=cfg.seed).to(device).train()
+            warm_hist = warmup_language_model(lambda i, m: lm(input_ids=i, attention_mask=m).logits,
+                                              list(lm.parameters()), tokenizer, texts, cfg, device, amp)
+            lm.save_pretrained(lm_dir)
+            hist_file.write_text(json.dumps(warm_hist))
+            log(f"base: LLaMA warmed up on text alone ({cfg.warmup_lm_steps} steps, loss {warm_hist[0]:.2f} -> "
+                f"{warm_hist[-1]:.3f}, {time.perf_counter() - t0:.0f}s) -> {lm_dir}")
+            del lm
+        elif warm:
+            log(f"base: warmed-up LLaMA from {lm_dir}")
+        model = build_model(cfg.bridge, tokenizer, size=size, base_lm=str(lm_dir) if warm else None, seed=cfg.seed)
+        model = model.to(device)
+    else:
+        model = build_model(cfg.bridge, tokenizer, size=size, seed=cfg.seed).to(device)
+        dec = model.language_model
+        names = [n for n, _ in dec.named_parameters() if ".adapter." not in n]
+        base_file = base / "text_decoder.safetensors"
+        if warm and base_file.exists():
+            sd = load_file(str(base_file), device=str(device))
+            if sorted(sd) != sorted(names):
+                raise RuntimeError(f"{base_file} does not match this model; delete the folder {base}")
+            dec.load_state_dict(sd, strict=False)
+            log(f"base: warmed-up BLIP text decoder from {base_file}")
+        elif warm:
+            t0 = time.perf_counter()
+            model.train()
+            params = dict(dec.named_parameters())
+            warm_hist = warmup_language_model(model.lm_logits, [params[n] for n in names], tokenizer, texts, cfg,
+                                              device, amp)
+            save_file({n: params[n].detach().cpu().contiguous() for n in names}, str(base_file))
+            hist_file.write_text(json.dumps(warm_hist))
+            log(f"base: BLIP text decoder warmed up on text alone ({cfg.warmup_lm_steps} steps, loss "
+                f"{warm_hist[0]:.2f} -> {warm_hist[-1]:.3f}, {time.perf_counter() - t0:.0f}s) -> {base_file}")
+    if warm and not warm_hist and hist_file.exists():
+        warm_hist = json.loads(hist_file.read_text())
+    vision_hist = _prepare_vision(model, tokenizer, train, cfg, base, device, amp, log)
+    return dict(size=size, device=device, amp=amp, out=out, train=train, val=val, tokenizer=tokenizer,
+                model=model, warmup_losses=warm_hist, vision_warmup_losses=vision_hist)
+
+
+def _prepare_vision(model: BridgeModel, tokenizer, train: SplitData, cfg: TrainConfig, base: Path, device, amp,
+                    log) -> list:
+    """Warm up (or load the cached warm-up of) the random-init vision encoder; see warmup_vision."""
+    from safetensors.torch import load_file, save_file
+
+    if cfg.warmup_vision_steps <= 0:
+        return []
+    vision = model.vision_tower
+    name = type(vision).__name__
+    f, hist_file = base / f"vision-{name}.safetensors", base / f"vision-{name}-losses.json"
+    if f.exists():
+        vision.load_state_dict(load_file(str(f), device=str(device)), strict=True)
+        log(f"base: pretrained-stand-in {name} from {f}")
+        return json.loads(hist_file.read_text()) if hist_file.exists() else []
+    t0 = time.perf_counter()
+    hist = warmup_vision(vision, tokenizer, train, cfg, device, amp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in vision.state_dict().items()}, str(f))
+    hist_file.write_text(json.dumps(hist))
+    log(f"base: {name} trained contrastively on image-caption pairs ({cfg.warmup_vision_steps} steps, loss "
+        f"{hist[0]:.2f} -> {hist[-1]:.3f}, {time.perf_counter() - t0:.0f}s) -> {f}")
+    return hist
+
+
+def run(cfg: TrainConfig, *, prepared: Optional[dict] = None, log: Callable[[str], None] = logger.info,
+        eval_before: bool = True) -> dict:
+    """Train cfg.bridge and evaluate it before and after. Returns (and writes) the metrics dict."""
+    import fastbridge
+    from safetensors.torch import load_file, save_file
+
+    p = prepared if prepared is not None else prepare(cfg, log)
+    device, amp, out, tokenizer = p["device"], p["amp"], p["out"], p["tokenizer"]
+    model: BridgeModel = p["model"]
+    _seed_all(cfg.seed)
+    model.freeze_for_bridge()
+    if cfg.patched:
+        fastbridge.patch(model)
+        report = model.fastbridge_report
+        log(str(report))
+    else:
+        fastbridge.unpatch(model)
+        report = None
+        log("fastbridge.unpatch: training the eager baseline")
+    n_train = sum(p_.numel() for _, p_ in model.trainable_parameters())
+    n_all = sum(p_.numel() for p_ in model.parameters())
+    log(f"{cfg.bridge}: {n_train:,} trainable of {n_all:,} parameters ({100 * n_train / n_all:.1f}%)")
+
+    start, opt_state = 0, None
+    state_file, bridge_file, opt_file = out / "trainer_state.json", out / "bridge.safetensors", out / "optimizer.safetensors"
+    if cfg.resume and state_file.exists():
+        state = json.loads(state_file.read_text())
+        fastbridge.load_trainable(model, bridge_file)
+        start = int(state["step"])
+        flat = load_file(str(opt_file))
+        opt_state = _unflatten_optimizer(flat, state["optimizer_meta"])
+        log(f"resumed from {bridge_file} at step {start}")
+
+    before = evaluate(model, tokenizer, p["val"], cfg, device, amp, log) if eval_before and start == 0 else None
+    res = train_bridge(model, tokenizer, p["train"], cfg, device, amp, out, start, opt_state)
+    fastbridge.save_trainable(model, bridge_file)
+    flat, meta = _flatten_optimizer(res["optimizer"])
+    save_file(flat, str(opt_file))
+    state_file.write_text(json.dumps({"step": cfg.steps, "optimizer_meta": meta, "config": asdict(cfg)}, indent=1))
+    after = evaluate(model, tokenizer, p["val"], cfg, device, amp, log)
+    times = res["step_times"][min(5, len(res["step_times"]) // 4):]
+    metrics = {
+        "config": asdict(cfg), "versions": _versions(), "patch": dict(report.counts) if report else {},
+        "trainable_params": n_train, "total_params": n_all,
+        "before": before, "after": after,
+        "losses": res["losses"], "warmup_losses": p.get("warmup_losses", []),
+        "step_ms_median": None if not times else 1e3 * _median(times),
+        "steps_per_s": None if not times else 1.0 / _median(times),
+        "samples_per_s": None if not times else cfg.batch_size / _median(times),
+        "peak_mb": res["peak_mb"], "resumed_from_step": start,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    from .plots import plot_losses
+
+    plot_losses({cfg.bridge: res["losses"]}, out / "loss.png", title=f"{cfg.bridge} bridge training loss",
+                offset=start)
+    return metrics
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict, dict]:
+    flat, meta = {}, {"param_groups": sd["param_groups"], "steps": {}}
+    for k, st in sd["state"].items():
+        for name, v in st.items():
+            if name == "step":
+                meta["steps"][str(k)] = float(v)
+            else:
+                flat[f"{k}.{name}"] = v.detach().cpu().contiguous()
+    return flat, meta
+
+
+def _unflatten_optimizer(flat: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, v in flat.items():
+        k, name = key.split(".", 1)
+        state.setdefault(int(k), {})[name] = v
+    for k, s in meta["steps"].items():
+        state.setdefault(int(k), {})["step"] = torch.tensor(s)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def compare(cfg: TrainConfig, log: Callable[[str], None] = logger.info) -> dict:
+    """Train eager (unpatched) and fastbridge (patched) from the same seed and base; compare them."""
+    import copy
+
+    prepared = prepare(replace(cfg, out_dir=str(Path(cfg.out_dir))), log)
+    base_state = copy.deepcopy(prepared["model"].state_dict())
+    runs = {}
+    for name, patched in (("eager", False), ("fastbridge", True)):
+        sub = replace(cfg, patched=patched, out_dir=str(Path(cfg.out_dir) / name), resume=False)
+        Path(sub.out_dir).mkdir(parents=True, exist_ok=True)
+        model = prepared["model"]
+        model.load_state_dict(base_state)
+        runs[name] = run(sub, prepared={**prepared, "out": Path(sub.out_dir)}, log=log)
+    e, f = runs["eager"], runs["fastbridge"]
+    diffs = [abs(a - b) for a, b in zip(e["losses"], f["losses"])]
+    agreement = {
+        "loss_max_abs_diff": max(diffs) if diffs else 0.0,
+        "loss_final": {"eager": e["losses"][-1] if e["losses"] else None,
+                       "fastbridge": f["losses"][-1] if f["losses"] else None},
+        "metrics": {k: {"eager": e["after"].get(k), "fastbridge": f["after"].get(k)} for k in ("caption", "vqa")
+                    if k in e["after"]},
+        "step_ms_median": {"eager": e["step_ms_median"], "fastbridge": f["step_ms_median"]},
+        "speedup": (e["step_ms_median"] / f["step_ms_median"]) if e["step_ms_median"] and f["step_ms_median"] else None,
+        "peak_mb": {"eager": e["peak_mb"], "fastbridge": f["peak_mb"]},
+        "patch": f["patch"],
+    }
+    result = {"config": asdict(cfg), "versions": e["versions"], "comparison": agreement}
+    out = Path(cfg.out_dir)
+    (out / "compare.json").write_text(json.dumps(result, indent=1))
+    from .plots import plot_compare
+
+    plot_compare(e, f, out / "compare.png", title=f"{cfg.bridge}: eager vs fastbridge")
+    return result
