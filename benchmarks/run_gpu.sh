@@ -4,7 +4,9 @@
 # suite (results JSON merged per device) and its plots + markdown table.
 #
 #   bash benchmarks/run_gpu.sh [OUT_DIR]            # default OUT_DIR: benchmarks/results
-#   STAGES=tests bash benchmarks/run_gpu.sh         # some stages only: info,build,tests,bench,plot
+#   STAGES=tests bash benchmarks/run_gpu.sh         # some stages only: info,build,tests,bench,plot,demo
+#   (demo: `fastbridge demo --compare` at GPU size: eager vs fastbridge training of the bridges, JSON + PNGs
+#    in OUT/demo; not in the default stages: it takes minutes per bridge)
 #   BENCH_K="adapter_block and bf16" bash benchmarks/run_gpu.sh   # a slice of the benchmarks (-k)
 #   BENCH_ARGS="--fb-quick" bash benchmarks/run_gpu.sh            # extra benchmark options
 #
@@ -42,5 +44,9 @@ if has bench; then
 fi
 if has plot; then
   python benchmarks/plot.py "$OUT"/*.json --out "$OUT/plots"
+fi
+if has demo; then
+  fastbridge demo --bridge "${DEMO_BRIDGES:-all}" --compare --no-progress --out "$OUT/demo" ${DEMO_ARGS:-} \
+    2>&1 | tee "$OUT/demo.log"
 fi
 echo "run_gpu.sh: outputs in $OUT"

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 from .models import BRIDGES, SIZES
@@ -30,6 +30,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="bridge training steps")
     p.add_argument("--warmup-lm-steps", type=int, default=None,
                    help="text-only LM steps that stand in for a pretrained LM (random-init models)")
+    p.add_argument("--warmup-vision-steps", type=int, default=None,
+                   help="contrastive image-caption steps that stand in for a pretrained vision encoder")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -46,6 +48,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eager", action="store_true", help="train unpatched (fastbridge.unpatch): the eager baseline")
     p.add_argument("--compare", action="store_true", help="train eager and fastbridge from the same seed and compare")
     p.add_argument("--resume", action="store_true", help="continue from OUT/bridge.safetensors + trainer state")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,12 +61,15 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def _defaults(size: str, cuda: bool) -> dict:
     if size == "test":  # CI: checks the whole pipeline runs, learns nothing
-        return dict(n_train=16, n_val=6, steps=4, warmup_lm_steps=4, batch_size=4, lr=3e-3)
-    if size == "tiny":
-        return dict(n_train=1500, n_val=100, steps=300, warmup_lm_steps=300, batch_size=32, lr=3e-3)
+        return dict(n_train=16, n_val=6, steps=4, warmup_lm_steps=4, warmup_vision_steps=2, batch_size=4, lr=3e-3)
+    if size == "tiny":  # a 2-core CPU: the demo's two bridges in about 7 minutes
+        return dict(n_train=2000, n_val=100, steps=1500, warmup_lm_steps=3000, warmup_vision_steps=600,
+                    batch_size=32, lr=3e-3)
     if size == "small":
-        return dict(n_train=8000, n_val=500, steps=1500, warmup_lm_steps=1000, batch_size=64, lr=1e-3)
-    return dict(n_train=20000, n_val=1000, steps=3000, warmup_lm_steps=2000, batch_size=64, lr=5e-4)
+        return dict(n_train=8000, n_val=500, steps=3000, warmup_lm_steps=4000, warmup_vision_steps=1500,
+                    batch_size=64, lr=1e-3)
+    return dict(n_train=20000, n_val=1000, steps=4000, warmup_lm_steps=6000, warmup_vision_steps=3000,
+                batch_size=64, lr=5e-4)
 
 
 def _config(args, bridge: str, out: Path):
@@ -74,13 +80,14 @@ def _config(args, bridge: str, out: Path):
     cuda = torch.cuda.is_available() and args.device in ("auto", "cuda") or str(args.device).startswith("cuda")
     size = args.size or ("small" if cuda else "tiny")
     d = _defaults(size, cuda)
-    given = {k: getattr(args, k) for k in ("n_train", "n_val", "steps", "warmup_lm_steps", "batch_size", "lr")
+    given = {k: getattr(args, k) for k in ("n_train", "n_val", "steps", "warmup_lm_steps", "warmup_vision_steps",
+                                           "batch_size", "lr")
              if getattr(args, k, None) is not None}
     d.update(given)
     kw = dict(bridge=bridge, size=size, out_dir=str(out), data_dir=args.data_dir, coco_captions=args.coco_captions,
               coco_images=args.coco_images, seed=args.seed, device=args.device, dtype=args.dtype,
               tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), progress=not args.no_progress, **d)
-    for extra in ("pretrained", "resume"):
+    for extra in ("pretrained", "resume", "save_every"):
         if getattr(args, extra, None):
             kw[extra] = getattr(args, extra)
     if getattr(args, "eager", False):

@@ -59,6 +59,8 @@ class TrainConfig:
     dtype: str = "auto"          # fp32 | bf16 | fp16 | auto (bf16 autocast on CUDA, fp32 on CPU)
     pretrained: Optional[str] = None
     resume: bool = False
+    save_every: int = 0                  # checkpoint every N steps (0: at the end only)
+    stop_at: Optional[int] = None        # stop (checkpointed) before `steps`; resume later with resume=True
     eval_batch_size: int = 64
     max_new_tokens: int = 20
     log_every: int = 10
@@ -152,6 +154,12 @@ def load_data(cfg: TrainConfig, size: ModelSize):
     """(train, val) SplitData and every training text (for the tokenizer and the LM warm-up)."""
     from .. import data as fbdata
 
+    if not cfg.progress:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     if cfg.coco_captions is not None:
         train = fbdata.load_coco_captions(cfg.coco_captions, cfg.coco_images, split="train")
         val = fbdata.load_coco_captions(cfg.coco_captions, cfg.coco_images, split="val")
@@ -337,8 +345,41 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def save_checkpoint(model: BridgeModel, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig, out: Path) -> None:
+    """Only the trainable bridge (save_trainable) + the optimizer moments (safetensors) + the step."""
+    import fastbridge
+    from safetensors.torch import save_file
+
+    fastbridge.save_trainable(model, out / "bridge.safetensors")
+    flat, meta = _flatten_optimizer(opt.state_dict())
+    save_file(flat, str(out / "optimizer.safetensors"))
+    (out / "trainer_state.json").write_text(json.dumps({"step": step, "optimizer_meta": meta,
+                                                        "config": asdict(cfg)}, indent=1))
+
+
+def load_checkpoint(model: BridgeModel, cfg: TrainConfig, out: Path) -> tuple[int, Optional[dict]]:
+    """(step, optimizer state) of out/'s checkpoint, its bridge loaded into model; (0, None) if none."""
+    import fastbridge
+    from safetensors.torch import load_file
+
+    state_file = out / "trainer_state.json"
+    if not state_file.exists():
+        return 0, None
+    state = json.loads(state_file.read_text())
+    saved = state.get("config", {})
+    for key in ("bridge", "size", "steps", "batch_size", "lr", "seed", "tasks"):
+        if key in saved and saved[key] != (list(getattr(cfg, key)) if key == "tasks" else getattr(cfg, key)):
+            raise ValueError(f"resume: {key} = {getattr(cfg, key)!r} differs from the checkpoint's {saved[key]!r} in "
+                             f"{out} (resume with the same settings, or use another out_dir)")
+    fastbridge.load_trainable(model, out / "bridge.safetensors")
+    opt_state = _unflatten_optimizer(load_file(str(out / "optimizer.safetensors")), state["optimizer_meta"])
+    return int(state["step"]), opt_state
+
+
 def train_bridge(model: BridgeModel, tokenizer, train: SplitData, cfg: TrainConfig, device, amp, out: Path,
                  start_step: int = 0, opt_state: Optional[dict] = None) -> dict:
+    """Steps [start_step, stop_at or steps) of the bridge's training; checkpoints every save_every steps and
+    at the end."""
     examples = training_examples(train, cfg.tasks)
     params = [p for _, p in model.trainable_parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -348,7 +389,8 @@ def train_bridge(model: BridgeModel, tokenizer, train: SplitData, cfg: TrainConf
     losses, times = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = _progress(_batches(len(examples), cfg.batch_size, cfg.seed, start_step, cfg.steps), cfg.steps - start_step,
+    end = cfg.steps if cfg.stop_at is None else min(cfg.stop_at, cfg.steps)
+    bar = _progress(_batches(len(examples), cfg.batch_size, cfg.seed, start_step, end), end - start_step,
                     f"train {cfg.bridge} ({'fastbridge' if cfg.patched else 'eager'})", cfg.progress)
     for step, idx in bar:
         batch = [examples[i] for i in idx]
@@ -365,13 +407,16 @@ def train_bridge(model: BridgeModel, tokenizer, train: SplitData, cfg: TrainConf
         opt.step()
         _sync(device)
         times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if cfg.progress and hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         elif (step + 1) % cfg.log_every == 0:
             logger.info("step %d/%d loss %.4f", step + 1, cfg.steps, losses[-1])
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end:
+            save_checkpoint(model, opt, step + 1, cfg, out)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"losses": losses, "step_times": times, "peak_mb": peak, "optimizer": opt.state_dict()}
+    save_checkpoint(model, opt, end, cfg, out)
+    return {"losses": losses, "step_times": times, "peak_mb": peak, "end": end}
 
 
 def _versions() -> dict:
@@ -575,7 +620,6 @@ def run(cfg: TrainConfig, *, prepared: Optional[dict] = None, log: Callable[[str
         eval_before: bool = True) -> dict:
     """Train cfg.bridge and evaluate it before and after. Returns (and writes) the metrics dict."""
     import fastbridge
-    from safetensors.torch import load_file, save_file
 
     p = prepared if prepared is not None else prepare(cfg, log)
     device, amp, out, tokenizer = p["device"], p["amp"], p["out"], p["tokenizer"]
@@ -595,21 +639,13 @@ def run(cfg: TrainConfig, *, prepared: Optional[dict] = None, log: Callable[[str
     log(f"{cfg.bridge}: {n_train:,} trainable of {n_all:,} parameters ({100 * n_train / n_all:.1f}%)")
 
     start, opt_state = 0, None
-    state_file, bridge_file, opt_file = out / "trainer_state.json", out / "bridge.safetensors", out / "optimizer.safetensors"
-    if cfg.resume and state_file.exists():
-        state = json.loads(state_file.read_text())
-        fastbridge.load_trainable(model, bridge_file)
-        start = int(state["step"])
-        flat = load_file(str(opt_file))
-        opt_state = _unflatten_optimizer(flat, state["optimizer_meta"])
-        log(f"resumed from {bridge_file} at step {start}")
+    if cfg.resume:
+        start, opt_state = load_checkpoint(model, cfg, out)
+        log(f"resumed from {out / 'bridge.safetensors'} at step {start}" if start else
+            f"resume: no checkpoint in {out}, starting at step 0")
 
     before = evaluate(model, tokenizer, p["val"], cfg, device, amp, log) if eval_before and start == 0 else None
     res = train_bridge(model, tokenizer, p["train"], cfg, device, amp, out, start, opt_state)
-    fastbridge.save_trainable(model, bridge_file)
-    flat, meta = _flatten_optimizer(res["optimizer"])
-    save_file(flat, str(opt_file))
-    state_file.write_text(json.dumps({"step": cfg.steps, "optimizer_meta": meta, "config": asdict(cfg)}, indent=1))
     after = evaluate(model, tokenizer, p["val"], cfg, device, amp, log)
     times = res["step_times"][min(5, len(res["step_times"]) // 4):]
     metrics = {
@@ -620,7 +656,7 @@ def run(cfg: TrainConfig, *, prepared: Optional[dict] = None, log: Callable[[str
         "step_ms_median": None if not times else 1e3 * _median(times),
         "steps_per_s": None if not times else 1.0 / _median(times),
         "samples_per_s": None if not times else cfg.batch_size / _median(times),
-        "peak_mb": res["peak_mb"], "resumed_from_step": start,
+        "peak_mb": res["peak_mb"], "resumed_from_step": start, "last_step": res["end"],
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     from .plots import plot_losses
@@ -663,7 +699,10 @@ def compare(cfg: TrainConfig, log: Callable[[str], None] = logger.info) -> dict:
         Path(sub.out_dir).mkdir(parents=True, exist_ok=True)
         model = prepared["model"]
         model.load_state_dict(base_state)
-        runs[name] = run(sub, prepared={**prepared, "out": Path(sub.out_dir)}, log=log)
+        # the model before training is the same for both (and so are its outputs): score it once
+        runs[name] = run(sub, prepared={**prepared, "out": Path(sub.out_dir)}, log=log, eval_before=not runs)
+    runs["fastbridge"]["before"] = runs["eager"]["before"]
+    (Path(cfg.out_dir) / "fastbridge" / "metrics.json").write_text(json.dumps(runs["fastbridge"], indent=1))
     e, f = runs["eager"], runs["fastbridge"]
     diffs = [abs(a - b) for a, b in zip(e["losses"], f["losses"])]
     agreement = {

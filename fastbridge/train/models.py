@@ -28,7 +28,6 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["BRIDGES", "SIZES", "ModelSize", "BridgeModel", "build_model", "build_language_model", "shrink"]
@@ -215,6 +214,9 @@ class QFormerBridge(BridgeModel):
                     hidden_size=s.qformer_hidden, num_hidden_layers=s.qformer_layers,
                     num_attention_heads=max(1, s.qformer_hidden // 64) if s.qformer_hidden >= 256 else 4,
                     intermediate_size=s.qformer_hidden * 4, encoder_hidden_size=s.vision_hidden,
+                    # no dropout: eager and fused training then follow the same curve step for step (the
+                    # fused op's dropout draws from its own Philox stream, not torch's)
+                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                     vocab_size=len(tokenizer), pad_token_id=self.pad_token_id).to_dict(),
                 text_config=_llama_config(s, len(tokenizer), self.pad_token_id, self.bos_token_id, self.eos_token_id,
                                           512).to_dict(),
