@@ -205,3 +205,25 @@ def test_config_errors_name_the_argument():
         loop.TrainConfig(tasks=("segmentation",))
     with pytest.raises(ValueError, match="size must be"):
         build_model("mlp", None, size="huge")
+
+
+def test_train_on_coco_karpathy_files(tmp_path):
+    """The same pipeline on COCO captions on disk (Karpathy split file): train split to train, val to score."""
+    from PIL import Image
+
+    images = []
+    for cocoid, split in ((1, "train"), (2, "restval"), (3, "train"), (4, "val"), (5, "val"), (6, "test")):
+        name = f"COCO_val2014_{cocoid:012d}.jpg"
+        (tmp_path / "coco" / "val2014").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 30), (40 * cocoid, 30, 200)).save(tmp_path / "coco" / "val2014" / name, format="JPEG")
+        images.append({"filepath": "val2014", "filename": name, "split": split, "cocoid": cocoid,
+                       "sentences": [{"raw": f"A photo of thing number {cocoid}."}, {"raw": "a plain picture"}]})
+    ann = tmp_path / "dataset_coco.json"
+    ann.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    cfg = loop.TrainConfig(bridge="mlp", size="test", out_dir=str(tmp_path / "run"), coco_captions=str(ann),
+                           coco_images=str(tmp_path / "coco"), steps=2, batch_size=2, warmup_lm_steps=2,
+                           warmup_vision_steps=1, progress=False)
+    assert cfg.tasks == ("caption",)  # COCO captions carry no questions
+    m = loop.run(cfg)
+    assert sorted(m["after"]["caption"]) and "vqa" not in m["after"]
+    assert {e["image_id"] for e in m["after"]["examples"]} == {4, 5}  # the val split is what gets scored

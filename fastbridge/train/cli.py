@@ -23,8 +23,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="model size (default: tiny on CPU, small on CUDA)")
     p.add_argument("--out", default=None, help="output folder (metrics.json, PNGs, checkpoints)")
     p.add_argument("--data-dir", default=None, help="synthetic data folder (created if missing)")
-    p.add_argument("--coco-captions", default=None, help="COCO captions JSON (Karpathy dataset_coco.json or official)")
+    p.add_argument("--coco-captions", default=None,
+                   help="train on COCO captions: the Karpathy dataset_coco.json (its train/val splits) or an official "
+                        "captions_train*.json (then also --coco-val-captions)")
     p.add_argument("--coco-images", default=None, help="COCO image folder for --coco-captions")
+    p.add_argument("--coco-val-captions", default=None, help="official captions_val*.json (validation)")
+    p.add_argument("--coco-val-images", default=None, help="image folder for --coco-val-captions")
     p.add_argument("--n-train", type=int, default=None, help="training images")
     p.add_argument("--n-val", type=int, default=None, help="validation images (scored)")
     p.add_argument("--steps", type=int, default=None, help="bridge training steps")
@@ -85,7 +89,8 @@ def _config(args, bridge: str, out: Path):
              if getattr(args, k, None) is not None}
     d.update(given)
     kw = dict(bridge=bridge, size=size, out_dir=str(out), data_dir=args.data_dir, coco_captions=args.coco_captions,
-              coco_images=args.coco_images, seed=args.seed, device=args.device, dtype=args.dtype,
+              coco_images=args.coco_images, coco_val_captions=args.coco_val_captions,
+              coco_val_images=args.coco_val_images, seed=args.seed, device=args.device, dtype=args.dtype,
               tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), progress=not args.no_progress, **d)
     for extra in ("pretrained", "resume", "save_every"):
         if getattr(args, extra, None):

@@ -41,8 +41,10 @@ class TrainConfig:
     size: str = "tiny"
     out_dir: str = "fastbridge-run"
     data_dir: Optional[str] = None       # synthetic set root (made if missing); default under out_dir/..
-    coco_captions: Optional[str] = None  # Karpathy / official COCO captions JSON (real data instead)
-    coco_images: Optional[str] = None
+    coco_captions: Optional[str] = None  # COCO captions instead of synthetic data: the Karpathy split file
+    coco_images: Optional[str] = None    # (train + val splits) or an official captions_train*.json, with
+    coco_val_captions: Optional[str] = None  # the official captions_val*.json here
+    coco_val_images: Optional[str] = None    # default: coco_images
     n_train: int = 2000
     n_val: int = 100
     tasks: tuple = TASKS
@@ -82,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: dtype must be one of auto, fp32, bf16, fp16, got {self.dtype!r}")
         if (self.coco_captions is None) != (self.coco_images is None):
             raise ValueError("TrainConfig: coco_captions and coco_images go together (annotations JSON and image dir)")
+        if self.coco_val_captions is not None and self.coco_captions is None:
+            raise ValueError("TrainConfig: coco_val_captions needs coco_captions / coco_images (the training split)")
         self.tasks = tuple(self.tasks)
         if self.coco_captions is not None and "vqa" in self.tasks:
             self.tasks = tuple(t for t in self.tasks if t != "vqa")  # COCO captions carry no questions
@@ -161,8 +165,12 @@ def load_data(cfg: TrainConfig, size: ModelSize):
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     if cfg.coco_captions is not None:
-        train = fbdata.load_coco_captions(cfg.coco_captions, cfg.coco_images, split="train")
-        val = fbdata.load_coco_captions(cfg.coco_captions, cfg.coco_images, split="val")
+        if cfg.coco_val_captions is None:  # Karpathy split file: its train (+ restval) and val splits
+            train = fbdata.load_coco_captions(cfg.coco_captions, cfg.coco_images, split="train")
+            val = fbdata.load_coco_captions(cfg.coco_captions, cfg.coco_images, split="val")
+        else:  # official files, one split each
+            train = fbdata.load_coco_captions(cfg.coco_captions, cfg.coco_images)
+            val = fbdata.load_coco_captions(cfg.coco_val_captions, cfg.coco_val_images or cfg.coco_images)
         train = train.select(range(min(cfg.n_train, len(train))))
         val = val.select(range(min(cfg.n_val, len(val))))
         splits = {"train": (train, None), "validation": (val, None)}
@@ -446,7 +454,7 @@ def _base_dir(cfg: TrainConfig, kind: str) -> Path:
     """Where the warmed-up base of this data / size / warm-up lives, shared by runs in sibling folders."""
     import hashlib
 
-    key = json.dumps([kind, cfg.size, cfg.n_train, cfg.data_dir, cfg.coco_captions, list(cfg.tasks),
+    key = json.dumps([kind, cfg.size, cfg.n_train, cfg.data_dir, cfg.coco_captions, cfg.coco_images, list(cfg.tasks),
                       cfg.warmup_lm_steps, cfg.warmup_vision_steps, cfg.lm_lr, cfg.batch_size, cfg.seed])
     return Path(cfg.out_dir).resolve().parent / f"base-{kind}-{cfg.size}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
