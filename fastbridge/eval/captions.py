@@ -48,6 +48,8 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
+from ._common import check_same_ids
+
 __all__ = [
     "CaptionScores", "caption_metrics", "java_available", "java_info", "JavaInfo",
     "METRICS", "DEFAULT_METRICS", "COCO_METRIC_NAMES", "python_ptb_tokenize",
@@ -455,11 +457,6 @@ def _spice(gts: dict, res: dict) -> tuple[float, list[float]]:
 # ---------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------
-def _describe_ids(ids: list, limit: int = 5) -> str:
-    shown = ", ".join(repr(i) for i in ids[:limit])
-    return f"[{shown}{', ...' if len(ids) > limit else ''}]"
-
-
 def _validate(predictions: Any, references: Any) -> tuple[list, list[str], list[list[str]]]:
     if not isinstance(predictions, Mapping):
         raise TypeError(f"predictions must be a mapping image id -> caption str, got {type(predictions).__name__}")
@@ -470,13 +467,7 @@ def _validate(predictions: Any, references: Any) -> tuple[list, list[str], list[
         raise ValueError("references is empty: nothing to evaluate")
     if not predictions:
         raise ValueError("predictions is empty: nothing to evaluate")
-    missing = [k for k in references if k not in predictions]
-    if missing:
-        raise ValueError(f"predictions is missing {len(missing)} image id(s) that references has: "
-                         f"{_describe_ids(missing)}")
-    extra = [k for k in predictions if k not in references]
-    if extra:
-        raise ValueError(f"predictions has {len(extra)} image id(s) with no references: {_describe_ids(extra)}")
+    check_same_ids(predictions, references, truth_name="references", unit="image id", no_entry="no references")
     ids = list(references.keys())
     preds, refs = [], []
     for k in ids:

@@ -25,6 +25,8 @@ import re
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 
+from ._common import check_same_ids, describe_ids
+
 __all__ = ["normalize_answer", "vqa_accuracy", "process_punctuation", "process_digit_article"]
 
 # ---------------------------------------------------------------------------------------------
@@ -121,11 +123,6 @@ def _question_accuracy(pred: str, gt_answers: Sequence[str]) -> float:
     return sum(accs) / len(accs)
 
 
-def _describe_ids(ids: list, limit: int = 5) -> str:
-    shown = ", ".join(repr(i) for i in ids[:limit])
-    return f"[{shown}{', ...' if len(ids) > limit else ''}]"
-
-
 def vqa_accuracy(predictions: Mapping[Hashable, str], answers: Mapping[Hashable, Sequence[str]], *,
                  answer_types: Mapping[Hashable, str] | None = None) -> dict:
     """Official VQA accuracy of ``predictions`` against the annotators' ``answers``.
@@ -151,14 +148,7 @@ def vqa_accuracy(predictions: Mapping[Hashable, str], answers: Mapping[Hashable,
                         f"{type(answers).__name__}")
     if not answers:
         raise ValueError("answers is empty: nothing to evaluate")
-    missing = [q for q in answers if q not in predictions]
-    if missing:
-        raise ValueError(f"predictions is missing {len(missing)} question id(s) that answers has: "
-                         f"{_describe_ids(missing)}")
-    extra = [q for q in predictions if q not in answers]
-    if extra:
-        raise ValueError(f"predictions has {len(extra)} question id(s) with no entry in answers: "
-                         f"{_describe_ids(extra)}")
+    check_same_ids(predictions, answers, truth_name="answers", unit="question id", no_entry="no entry in answers")
     if answer_types is not None:
         if not isinstance(answer_types, Mapping):
             raise TypeError(f"answer_types must be a mapping question id -> type str, got "
@@ -166,7 +156,7 @@ def vqa_accuracy(predictions: Mapping[Hashable, str], answers: Mapping[Hashable,
         missing = [q for q in answers if q not in answer_types]
         if missing:
             raise ValueError(f"answer_types is missing {len(missing)} question id(s): "
-                             f"{_describe_ids(missing)}")
+                             f"{describe_ids(missing)}")
 
     per_question: dict = {}
     by_type: dict[str, list[float]] = {}
