@@ -24,13 +24,13 @@ access is attempted by fastbridge: pass a directory).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BRIDGES", "SIZES", "ModelSize", "BridgeModel", "build_model", "build_language_model", "shrink"]
+__all__ = ["BRIDGES", "SIZES", "ModelSize", "BridgeModel", "build_model", "build_language_model"]
 
 BRIDGES = ("qformer", "mlp", "adapter", "llama-adapter", "dynamic-prompt")
 
@@ -473,7 +473,3 @@ def build_model(bridge: str, tokenizer, *, size="tiny", pretrained: Optional[str
             return AdapterBridge(size, tokenizer, pretrained)
         return LlamaBridge(bridge, size, tokenizer, pretrained, base_lm)
 
-
-def shrink(size: ModelSize, **overrides) -> ModelSize:
-    """A copy of ``size`` with some fields changed (tests use a smaller 'tiny')."""
-    return replace(size, **overrides)
