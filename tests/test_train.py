@@ -227,3 +227,28 @@ def test_train_on_coco_karpathy_files(tmp_path):
     m = loop.run(cfg)
     assert sorted(m["after"]["caption"]) and "vqa" not in m["after"]
     assert {e["image_id"] for e in m["after"]["examples"]} == {4, 5}  # the val split is what gets scored
+
+
+@pytest.mark.parametrize("bridge", ["qformer", "mlp"])
+def test_train_from_local_pretrained_checkpoint(bridge, tokenizer, tmp_path):
+    """--pretrained DIR: a local transformers checkpoint (here a saved random one) replaces the random-init
+    base and its warm-up; the bridge trains on top."""
+    src = build_model(bridge, tokenizer, size="test", seed=5)
+    ckpt = tmp_path / "ckpt"
+    if bridge == "qformer":
+        src.model.save_pretrained(ckpt)
+    else:
+        src.vision.save_pretrained(ckpt / "vision")
+        src.lm.save_pretrained(ckpt / "lm")
+    tokenizer.save_pretrained(ckpt)
+    cfg = loop.TrainConfig(bridge=bridge, size="test", out_dir=str(tmp_path / "run"), pretrained=str(ckpt), steps=2,
+                           n_train=8, n_val=3, batch_size=4, data_dir=str(tmp_path / "data"), tasks=("caption",),
+                           progress=False)
+    p = loop.prepare(cfg)
+    loaded = dict(p["model"].named_parameters())
+    for n, w in src.named_parameters():
+        if not any(k in n for k in TRAINED[bridge]):  # the frozen base comes from the checkpoint
+            torch.testing.assert_close(loaded[n].detach(), w.detach(), rtol=0, atol=0, msg=n)
+    assert not list(tmp_path.glob("base-*")), "a pretrained base needs no warm-up"
+    m = loop.run(cfg, prepared=p, eval_before=False)
+    assert len(m["losses"]) == 2
