@@ -136,8 +136,8 @@ def test_greedy_decode_stops_at_eos(tokenizer):
             out[:, -1, nxt] = 1.0
             return out
 
-    px = torch.zeros(3, 3, 8, 8)
-    got = loop.greedy_decode(Fixed(), tokenizer, px, ["", "question: what color is the circle? answer:", ""],
+    px = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    got = loop.greedy_decode(Fixed(), tokenizer, px, [0, 1, 0], ["", "question: what color is the circle? answer:", ""],
                              max_new_tokens=5, batch_size=2, device=torch.device("cpu"))
     assert got == ["red", "red", "red"]
 

@@ -120,17 +120,23 @@ def _seed_all(seed: int) -> None:
 
 
 def pixel_tensor(images, image_size: int) -> Tensor:
-    """PIL images -> (N, 3, S, S) float32 normalised to [-1, 1]."""
+    """PIL images -> (N, 3, S, S) uint8 (a quarter of float32's memory; ``model_pixels`` normalises a batch)."""
     import numpy as np
     from PIL import Image
 
-    out = torch.empty(len(images), 3, image_size, image_size)
+    out = torch.empty(len(images), 3, image_size, image_size, dtype=torch.uint8)
     for i, im in enumerate(images):
         im = im.convert("RGB")
         if im.size != (image_size, image_size):
             im = im.resize((image_size, image_size), Image.BICUBIC)
-        out[i] = torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 255.0
-    return (out - IMAGE_MEAN) / IMAGE_STD
+        out[i] = torch.from_numpy(np.asarray(im, dtype=np.uint8)).permute(2, 0, 1)
+    return out
+
+
+def model_pixels(pixels: Tensor, rows, device) -> Tensor:
+    """Rows of a uint8 pixel table -> the model's input on ``device``: float32 in [-1, 1]."""
+    x = pixels[rows].to(device, non_blocking=True).float()
+    return (x / 255.0 - IMAGE_MEAN) / IMAGE_STD
 
 
 # Text layout, shared by the LM warm-up and the bridge: [bos] <context> . <task text> [eos]. In the warm-up
@@ -148,14 +154,14 @@ def vqa_prompt(question: str) -> str:
 # ------------------------------------------------------------------------------------------------ data
 @dataclass
 class SplitData:
-    pixels: Tensor                                   # (N, 3, S, S) for every image of the split
+    pixels: Tensor                                   # (N, 3, S, S) uint8, every image of the split
     image_ids: list
     captions: dict = field(default_factory=dict)     # image_id -> [refs]
     questions: list = field(default_factory=list)    # dicts: question_id, image (row), question, answers, type
 
 
 def load_data(cfg: TrainConfig, size: ModelSize):
-    """(train, val) SplitData and every training text (for the tokenizer and the LM warm-up)."""
+    """(train, val) SplitData: synthetic (made if missing) or COCO captions from disk."""
     from .. import data as fbdata
 
     if not cfg.progress:
@@ -257,9 +263,10 @@ def _lm_labels(ids: Tensor, mask: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ decoding
 @torch.no_grad()
-def greedy_decode(model: BridgeModel, tokenizer, pixels: Tensor, prompts: Sequence[str], *, max_new_tokens: int,
-                  batch_size: int, device, amp: Optional[torch.dtype] = None) -> list[str]:
-    """Greedy decoding, batched by prompt length (no padding inside a batch). Returns the decoded text."""
+def greedy_decode(model: BridgeModel, tokenizer, pixels: Tensor, rows: Sequence[int], prompts: Sequence[str], *,
+                  max_new_tokens: int, batch_size: int, device, amp: Optional[torch.dtype] = None) -> list[str]:
+    """Greedy decoding of ``prompts[i]`` about image ``pixels[rows[i]]`` (a uint8 table), batched by prompt
+    length (no padding inside a batch). Returns the decoded text."""
     model.eval()
     enc = [[tokenizer.bos_token_id] + (tokenizer.encode(p, add_special_tokens=False) if p else []) for p in prompts]
     order = sorted(range(len(enc)), key=lambda i: (len(enc[i]), i))
@@ -272,7 +279,7 @@ def greedy_decode(model: BridgeModel, tokenizer, pixels: Tensor, prompts: Sequen
             group.append(order[i])
             i += 1
         ids = torch.tensor([enc[g] for g in group], device=device)
-        px = pixels[group].to(device)
+        px = model_pixels(pixels, [rows[g] for g in group], device)
         done = torch.zeros(len(group), dtype=torch.bool, device=device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             state = model.image_state(px)
@@ -297,7 +304,8 @@ def evaluate(model: BridgeModel, tokenizer, split: SplitData, cfg: TrainConfig, 
 
     result: dict = {}
     if "caption" in cfg.tasks:
-        caps = greedy_decode(model, tokenizer, split.pixels, [CAPTION_PROMPT] * len(split.image_ids),
+        n = len(split.image_ids)
+        caps = greedy_decode(model, tokenizer, split.pixels, range(n), [CAPTION_PROMPT] * n,
                              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, device=device, amp=amp)
         preds = dict(zip(split.image_ids, caps))
         scores = fbeval.caption_metrics(preds, split.captions, log=log)
@@ -307,7 +315,7 @@ def evaluate(model: BridgeModel, tokenizer, split: SplitData, cfg: TrainConfig, 
                               for iid in split.image_ids[:4]]
     if "vqa" in cfg.tasks and split.questions:
         qs = split.questions
-        ans = greedy_decode(model, tokenizer, split.pixels[[q["image"] for q in qs]],
+        ans = greedy_decode(model, tokenizer, split.pixels, [q["image"] for q in qs],
                             [vqa_prompt(q["question"]) for q in qs], max_new_tokens=6,
                             batch_size=cfg.eval_batch_size, device=device, amp=amp)
         acc = fbeval.vqa_accuracy({q["question_id"]: a for q, a in zip(qs, ans)},
@@ -403,7 +411,7 @@ def train_bridge(model: BridgeModel, tokenizer, train: SplitData, cfg: TrainConf
     for step, idx in bar:
         batch = [examples[i] for i in idx]
         ids, mask, labels = encode_batch(tokenizer, batch, device)
-        px = train.pixels[[e.image for e in batch]].to(device, non_blocking=True)
+        px = model_pixels(train.pixels, [e.image for e in batch], device)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg.steps, cfg.lr, max(1, cfg.steps // 20))
         _sync(device)
@@ -504,7 +512,7 @@ def warmup_vision(vision: nn.Module, tokenizer, train: SplitData, cfg: TrainConf
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg.warmup_vision_steps, cfg.lm_lr, max(1, cfg.warmup_vision_steps // 10))
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            img = head(vision(pixel_values=train.pixels[idx].to(device)).last_hidden_state.mean(1))
+            img = head(vision(pixel_values=model_pixels(train.pixels, idx, device)).last_hidden_state.mean(1))
         img = F.normalize(img.float(), dim=-1)
         txt = F.normalize(text(flat, offsets).float(), dim=-1)
         logits = logit_scale.exp().clamp(max=100) * img @ txt.T
