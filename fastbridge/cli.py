@@ -13,7 +13,15 @@ def _version(module: str) -> str:
         mod = importlib.import_module(module)
     except Exception as e:  # noqa: BLE001 - reporting, not handling
         return f"not importable ({type(e).__name__})"
-    return getattr(mod, "__version__", "unknown")
+    version = getattr(mod, "__version__", None)
+    if version is None:
+        from importlib import metadata
+
+        try:
+            version = metadata.version(module)
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+    return version
 
 
 def info_lines() -> list[str]:
@@ -30,7 +38,14 @@ def info_lines() -> list[str]:
         f"transformers {_version('transformers')}",
         f"peft         {_version('peft')}",
         f"safetensors  {_version('safetensors')}",
+        f"datasets     {_version('datasets')}  (fastbridge demo / train data)",
+        f"pycocoeval   {_version('pycocoevalcap')}  (pycocoevalcap: caption metrics)",
     ]
+    from fastbridge.eval import java_info
+
+    j = java_info()
+    lines.append(f"java         {j.version} at {j.path} (PTB tokenizer, METEOR)" if j.available else
+                 f"java         not usable ({j.reason}): METEOR skipped, pure-Python tokenizer")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)

@@ -65,7 +65,7 @@ class TrainConfig:
     stop_at: Optional[int] = None        # stop (checkpointed) before `steps`; resume later with resume=True
     eval_batch_size: int = 64
     max_new_tokens: int = 20
-    log_every: int = 10
+    log_every: int = 100
     progress: bool = True
 
     def __post_init__(self):
