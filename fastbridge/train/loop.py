@@ -493,8 +493,10 @@ def warmup_vision(vision: nn.Module, tokenizer, train: SplitData, cfg: TrainConf
     The text side is a bag of words, thrown away afterwards. Returns the loss history."""
     dim = 128
     width = vision.config.hidden_size
-    text = nn.EmbeddingBag(len(tokenizer), dim, mode="mean").to(device)
-    head = nn.Linear(width, dim).to(device)
+    with torch.random.fork_rng(devices=[]):  # the same heads whatever ran before in this process
+        torch.manual_seed(cfg.seed + 2)
+        text = nn.EmbeddingBag(len(tokenizer), dim, mode="mean").to(device)
+        head = nn.Linear(width, dim).to(device)
     logit_scale = nn.Parameter(torch.tensor(math.log(10.0), device=device))
     params = [*vision.parameters(), *text.parameters(), *head.parameters(), logit_scale]
     opt = torch.optim.AdamW(params, lr=cfg.lm_lr, weight_decay=0.0)
