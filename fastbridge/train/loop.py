@@ -435,22 +435,33 @@ def train_bridge(model: BridgeModel, tokenizer, train: SplitData, cfg: TrainConf
     return {"losses": losses, "step_times": times, "peak_mb": peak, "end": end}
 
 
+def _git_state() -> Optional[str]:
+    """HEAD of the checkout this code was imported from ("+dirty" with uncommitted changes), or None."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here, timeout=5).stdout.strip()
+    except Exception:  # noqa: BLE001 - no git, or not a checkout
+        return None
+    return (sha + ("+dirty" if dirty else "")) or None
+
+
+_GIT = _git_state()  # read when the code is imported: commits made while a run goes on do not relabel it
+
+
 def _versions() -> dict:
     import transformers
 
     from .. import __version__
 
-    v = {"fastbridge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-         "python": platform.python_version(), "machine": platform.machine(),
-         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"}
-    try:
-        import subprocess
-
-        v["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                  cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or None
-    except Exception:  # noqa: BLE001 - not a git checkout
-        v["git"] = None
-    return v
+    return {"fastbridge": __version__, "git": _GIT, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "machine": platform.machine(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"}
 
 
 def _median(xs):
