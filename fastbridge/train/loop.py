@@ -129,7 +129,7 @@ def pixel_tensor(images, image_size: int) -> Tensor:
         im = im.convert("RGB")
         if im.size != (image_size, image_size):
             im = im.resize((image_size, image_size), Image.BICUBIC)
-        out[i] = torch.from_numpy(np.asarray(im, dtype=np.uint8)).permute(2, 0, 1)
+        out[i] = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)  # a writable copy
     return out
 
 
