@@ -192,8 +192,8 @@ def demo_main(args) -> int:
     print(table)
     for b, c in comparisons.items():
         sp = c.get("speedup")
-        print(f"{b}: eager vs fastbridge — max |loss diff| {c['loss_max_abs_diff']:.2e}, "
-              f"step {c['step_ms_median']['eager']:.1f} → {c['step_ms_median']['fastbridge']:.1f} ms"
-              + (f" ({sp:.2f}x)" if sp else ""))
+        timing = (f"step {c['step_ms_median']['eager']:.1f} → {c['step_ms_median']['fastbridge']:.1f} ms ({sp:.2f}x)"
+                  if sp else "too few steps to compare step times")
+        print(f"{b}: eager vs fastbridge — max |loss diff| {c['loss_max_abs_diff']:.2e}, {timing}")
     print(f"wrote {out / 'demo.json'}, {out / 'demo.md'}, {out / 'loss.png'} ({summary['minutes']:.1f} min)")
     return 0
