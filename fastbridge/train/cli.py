@@ -66,7 +66,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 def _defaults(size: str, cuda: bool) -> dict:
     if size == "test":  # CI: checks the whole pipeline runs, learns nothing
         return dict(n_train=16, n_val=6, steps=4, warmup_lm_steps=4, warmup_vision_steps=2, batch_size=4, lr=3e-3)
-    if size == "tiny":  # a 2-core CPU: the demo's two bridges in about 7 minutes
+    if size == "tiny":  # a 2-core CPU: the demo's two bridges in about 6 minutes
         return dict(n_train=2000, n_val=100, steps=1500, warmup_lm_steps=3000, warmup_vision_steps=600,
                     batch_size=32, lr=3e-3)
     if size == "small":
