@@ -593,6 +593,19 @@ def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Has
         result.per_image[name] = {k: float(v) for k, v in zip(ids, per)}
         info(f"caption_metrics: {name} = {float(score):.4f}")
 
+    def run_java_metric(name: str, scorer: Callable) -> None:
+        """A metric run by a Java subprocess: a failure skips it with the reason, never a number."""
+        t0 = time.perf_counter()
+        try:
+            with _quiet(info):
+                score, per = scorer(gts, res)
+        except Exception as e:
+            result.skipped[name] = f"{name} failed: {type(e).__name__}: {e}"
+            warn(f"caption_metrics: {result.skipped[name]}")
+        else:
+            result.seconds[name] = time.perf_counter() - t0
+            record(name, score, per)
+
     # --- BLEU ---------------------------------------------------------------------------------
     bleu_names = [m for m in wanted if m.startswith("BLEU-")]
     if bleu_names:
@@ -609,15 +622,7 @@ def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Has
         if java_reason is not None:
             result.skipped["METEOR"] = f"METEOR needs Java, which is not available ({java_reason})"
         else:
-            t0 = time.perf_counter()
-            try:
-                score, per = _meteor(gts, res)
-            except Exception as e:
-                result.skipped["METEOR"] = f"METEOR failed: {e}"
-                warn(f"caption_metrics: {result.skipped['METEOR']}")
-            else:
-                result.seconds["METEOR"] = time.perf_counter() - t0
-                record("METEOR", score, per)
+            run_java_metric("METEOR", _meteor)
 
     # --- ROUGE-L ------------------------------------------------------------------------------
     if "ROUGE-L" in wanted:
@@ -651,15 +656,6 @@ def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Has
             result.skipped["SPICE"] = blocker
             warn(f"caption_metrics: SPICE skipped: {blocker}")
         else:
-            t0 = time.perf_counter()
-            try:
-                with _quiet(info):
-                    score, per = _spice(gts, res)
-            except Exception as e:
-                result.skipped["SPICE"] = f"SPICE failed: {type(e).__name__}: {e}"
-                warn(f"caption_metrics: {result.skipped['SPICE']}")
-            else:
-                result.seconds["SPICE"] = time.perf_counter() - t0
-                record("SPICE", score, per)
+            run_java_metric("SPICE", _spice)
 
     return result
