@@ -63,7 +63,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="also train the eager baseline and report the speed-up (default: on with CUDA)")
 
 
-def _defaults(size: str, cuda: bool) -> dict:
+def _defaults(size: str) -> dict:
     if size == "test":  # CI: checks the whole pipeline runs, learns nothing
         return dict(n_train=16, n_val=6, steps=4, warmup_lm_steps=4, warmup_vision_steps=2, batch_size=4, lr=3e-3)
     if size == "tiny":  # a 2-core CPU: the demo's two bridges in about 6 minutes
@@ -83,7 +83,7 @@ def _config(args, bridge: str, out: Path):
 
     cuda = torch.cuda.is_available() and args.device in ("auto", "cuda") or str(args.device).startswith("cuda")
     size = args.size or ("small" if cuda else "tiny")
-    d = _defaults(size, cuda)
+    d = _defaults(size)
     given = {k: getattr(args, k) for k in ("n_train", "n_val", "steps", "warmup_lm_steps", "warmup_vision_steps",
                                            "batch_size", "lr")
              if getattr(args, k, None) is not None}

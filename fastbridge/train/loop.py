@@ -256,12 +256,6 @@ def caption_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
-def _lm_labels(ids: Tensor, mask: Tensor) -> Tensor:
-    labels = torch.full_like(ids, -100)
-    labels[:, :-1] = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    return labels
-
-
 # ------------------------------------------------------------------------------------------------ decoding
 @torch.no_grad()
 def greedy_decode(model: BridgeModel, tokenizer, pixels: Tensor, rows: Sequence[int], prompts: Sequence[str], *,
@@ -487,11 +481,12 @@ def warmup_language_model(lm_logits: Callable[[Tensor, Tensor], Tensor], params:
     hist = []
     for step, idx in _progress(_batches(len(texts), cfg.batch_size, cfg.seed + 1, 0, cfg.warmup_lm_steps),
                                cfg.warmup_lm_steps, "LM warm-up (text only)", cfg.progress):
-        ids, mask, _ = encode_batch(tokenizer, [Example(0, "", texts[i]) for i in idx], device)
+        # an empty prompt: every token after [bos] is supervised, i.e. plain causal-LM labels
+        ids, mask, labels = encode_batch(tokenizer, [Example(0, "", texts[i]) for i in idx], device)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg.warmup_lm_steps, cfg.lm_lr, max(1, cfg.warmup_lm_steps // 10))
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = caption_loss(lm_logits(ids, mask), _lm_labels(ids, mask))
+            loss = caption_loss(lm_logits(ids, mask), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -678,14 +673,16 @@ def run(cfg: TrainConfig, *, prepared: Optional[dict] = None, log: Callable[[str
     res = train_bridge(model, tokenizer, p["train"], cfg, device, amp, out, start, opt_state)
     after = evaluate(model, tokenizer, p["val"], cfg, device, amp, log)
     times = res["step_times"][min(5, len(res["step_times"]) // 4):]
+    step_s = _median(times)
     metrics = {
         "config": asdict(cfg), "versions": _versions(), "patch": dict(report.counts) if report else {},
         "trainable_params": n_train, "total_params": n_all,
         "before": before, "after": after,
         "losses": res["losses"], "warmup_losses": p.get("warmup_losses", []),
-        "step_ms_median": None if not times else 1e3 * _median(times),
-        "steps_per_s": None if not times else 1.0 / _median(times),
-        "samples_per_s": None if not times else cfg.batch_size / _median(times),
+        "vision_warmup_losses": p.get("vision_warmup_losses", []),
+        "step_ms_median": None if not times else 1e3 * step_s,
+        "steps_per_s": None if not times else 1.0 / step_s,
+        "samples_per_s": None if not times else cfg.batch_size / step_s,
         "timed_steps": len(times), "peak_mb": res["peak_mb"], "resumed_from_step": start, "last_step": res["end"],
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -721,7 +718,7 @@ def compare(cfg: TrainConfig, log: Callable[[str], None] = logger.info) -> dict:
     """Train eager (unpatched) and fastbridge (patched) from the same seed and base; compare them."""
     import copy
 
-    prepared = prepare(replace(cfg, out_dir=str(Path(cfg.out_dir))), log)
+    prepared = prepare(cfg, log)
     base_state = copy.deepcopy(prepared["model"].state_dict())
     runs = {}
     for name, patched in (("eager", False), ("fastbridge", True)):

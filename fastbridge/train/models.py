@@ -353,16 +353,17 @@ class LlamaBridge(BridgeModel):
             attn.adaption_gate.requires_grad_(True)
 
     def lm_logits(self, input_ids, attention_mask):
-        # text only: the adapted layers see no prompt contribution (zero gates at that point anyway)
-        self._set_ctx(None, None, attention_mask)
+        # text only: the adapted layers see their learned prompts (zero gates before training)
+        return self._lm_with_prompts(input_ids, attention_mask)
+
+    def _lm_with_prompts(self, input_ids, attention_mask, prompt=None, prompt_add=None) -> Tensor:
+        """The LM's logits with the adapted layers reading these prompts and the (B, L) padding mask."""
+        self.ctx.prompt, self.ctx.prompt_add = prompt, prompt_add
+        self.ctx.key_padding_mask = attention_mask.bool()
         try:
             return self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
         finally:
-            self._set_ctx(None, None, None)
-
-    def _set_ctx(self, prompt, prompt_add, mask) -> None:
-        self.ctx.prompt, self.ctx.prompt_add = prompt, prompt_add
-        self.ctx.key_padding_mask = None if mask is None else mask.bool()
+            self.ctx.prompt = self.ctx.prompt_add = self.ctx.key_padding_mask = None
 
     def image_state(self, pixel_values):
         feats = self.vision(pixel_values=pixel_values).last_hidden_state  # (B, 1 + patches, Ev)
@@ -372,15 +373,9 @@ class LlamaBridge(BridgeModel):
         if self.bridge == "mlp":
             embeds, mask = _insert_prefix(self.lm.get_input_embeddings()(input_ids), attention_mask, state)
             return self.lm(inputs_embeds=embeds, attention_mask=mask).logits[:, state.shape[1]:]
-        generated = state
-        if self.bridge == "llama-adapter":
-            self._set_ctx(None, generated, attention_mask)
-        else:
-            self._set_ctx(generated, None, attention_mask)
-        try:
-            return self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
-        finally:
-            self._set_ctx(None, None, None)
+        if self.bridge == "llama-adapter":  # the projected image feature is added to each layer's prompt
+            return self._lm_with_prompts(input_ids, attention_mask, prompt_add=state)
+        return self._lm_with_prompts(input_ids, attention_mask, prompt=state)  # dynamic: the prompts themselves
 
 
 # ------------------------------------------------------------------------------------------------ BLIP adapters
