@@ -453,7 +453,7 @@ def _kv_tile_pairs(lq: int, lk: int, bm: int, bn: int, causal: bool = True) -> i
     return total
 
 
-def ga_kernel_flops(s: AttnShape, mode: str) -> int:
+def ga_kernel_flops(s: AttnShape, mode: str, dq: str = "separate") -> int:
     """FLOPs kernels/gated_attention.py executes (tensor-core work, whole blocks):
     fwd  2 matmuls per (row, key) pair over 128-row x 64-key tiles (diagonal and ragged blocks whole) and
          2 per prompt key padded to BLOCK_P = 16: +25 % over the model count at L = 512, +1.6 % at 8192.
@@ -461,14 +461,19 @@ def ga_kernel_flops(s: AttnShape, mode: str) -> int:
          does dV += Pᵀ dO, dP = dO vᵀ, dK += dSᵀ q (4); dq (per 64-row query tile) recomputes S and dP
          again and does dQ += dS k (3) -- FA2 computes dQ in the same pass with fp32 atomics instead. Prompt:
          pre (q pkᵀ, P pv, Pᵀ dO, dO pvᵀ, dSᵀ q) + dq (q pkᵀ, dO pvᵀ, dS pk) = 8 per prompt key (padded to 16).
-    So the executed backward is ≈ 1.4x the 2.5x-forward convention of ga_flops."""
+    So the executed backward is ≈ 1.4x the 2.5x-forward convention of ga_flops.
+    dq="atomic" (FASTBRIDGE_GA_DQ=atomic): dkdv also does dQ += dS k with fp32 atomics (5 per pair over its
+    tiles) and the dq kernel only the prompt part."""
     bm_f = 16 if s.lq <= 16 else (128 if s.lq > 64 and s.d <= 128 else 64)
     bn = 64 if s.d <= 128 else 32
     bp = max(16, 1 << (min(s.p, 64) - 1).bit_length())
     unit = 2 * s.b * s.h * s.d                     # one matmul over one (row, key) pair, all heads
     fwd = unit * (2 * _tile_pairs(s.lq, s.lk, bm_f, bn, s.causal) + 2 * s.lq * bp)
-    bwd = unit * (4 * _kv_tile_pairs(s.lq, s.lk, 32, 64, s.causal) + 3 * _tile_pairs(s.lq, s.lk, 64, 64, s.causal)
-                  + 8 * s.lq * bp)
+    if dq == "atomic":
+        bwd = unit * (5 * _kv_tile_pairs(s.lq, s.lk, 32, 64, s.causal) + 8 * s.lq * bp)
+    else:
+        bwd = unit * (4 * _kv_tile_pairs(s.lq, s.lk, 32, 64, s.causal)
+                      + 3 * _tile_pairs(s.lq, s.lk, 64, 64, s.causal) + 8 * s.lq * bp)
     return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
 
 
@@ -692,7 +697,8 @@ def ga_predict_ms(s: AttnShape, provider: str, mode: str) -> tuple[float, float]
         glue = ga_sdpa_glue_kernels(s, mode)
         t = fa2(mode) + ga_sdpa_glue_bytes(s, mode) / bw * 1e3 + len(glue) * A["launch_us"] * 1e-3
         return t, t
-    if provider == "fastbridge":
+    if provider in ("fastbridge", "fastbridge-atomicdq"):
+        dq = "atomic" if provider == "fastbridge-atomicdq" else "separate"
         out = []
         for i in (1, 0):
             t = 0.0
@@ -700,7 +706,9 @@ def ga_predict_ms(s: AttnShape, provider: str, mode: str) -> tuple[float, float]
                 t += max(ga_kernel_flops(s, "fwd") / (A["fb_fwd_tflops"][i] * 1e12), ga_min_bytes(s, "fwd") / bw)
             if mode in ("bwd", "fwd_bwd"):
                 pre = 3 * s.Q + 4 * s.LSE            # the "pre" kernel reads q, dout, out; writes Δm, Δp
-                t += max(ga_kernel_flops(s, "bwd") / (A["fb_bwd_tflops"][i] * 1e12),
+                if dq == "atomic":  # the fp32 dQ accumulator: zero-filled, then read by the dq kernel
+                    pre += 2 * s.Q * 4 // s.e        # (L2 atomic throughput itself is not modelled)
+                t += max(ga_kernel_flops(s, "bwd", dq) / (A["fb_bwd_tflops"][i] * 1e12),
                          (ga_min_bytes(s, "bwd") - 2 * s.LSE) / bw) + pre / bw
             out.append(t * 1e3)
         return out[0], out[1]
@@ -821,10 +829,10 @@ def ga_table_floors() -> list[str]:
 
 
 def ga_table_predict() -> list[str]:
-    provs = ("fastbridge", "sdpa", "sdpa_noprompt", "eager")
+    provs = ("fastbridge", "fastbridge-atomicdq", "sdpa", "sdpa_noprompt", "eager")
     out = ["| shape | mode | fastbridge ms | sdpa ms | sdpa_noprompt ms | eager ms | vs sdpa | vs eager | "
-           "fb fwd ≤ noprompt fwd? |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+           "fb fwd ≤ noprompt fwd? | atomic dQ ms | atomic vs sdpa |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for s in ga_prefill_shapes():
         for mode in ("fwd", "fwd_bwd"):
             p = {k: ga_predict_ms(s, k, mode) for k in provs}
@@ -835,8 +843,14 @@ def ga_table_predict() -> list[str]:
             if mode == "fwd":
                 np_ = p["sdpa_noprompt"][0]
                 le = "yes" if fb[1] <= np_ else ("if high case" if fb[0] <= np_ else "no")
+            at = ""
+            if mode != "fwd":
+                a = p["fastbridge-atomicdq"]
+                at = f"{a[0]:.3f}-{a[1]:.3f} | {p['sdpa'][0] / a[1]:.2f}-{p['sdpa'][0] / a[0]:.2f}×"
+            else:
+                at = " | "
             out.append(f"| {s.label} | {mode} | {fb[0]:.3f}-{fb[1]:.3f} | {p['sdpa'][0]:.3f} | "
-                       f"{p['sdpa_noprompt'][0]:.3f} | {p['eager'][0]:.2f} | {vs_sdpa} | {vs_eager} | {le} |")
+                       f"{p['sdpa_noprompt'][0]:.3f} | {p['eager'][0]:.2f} | {vs_sdpa} | {vs_eager} | {le} | {at} |")
     return out
 
 
@@ -932,7 +946,9 @@ def ga_lines() -> list[str]:
         "sdpa_noprompt: FA2 rates by L (FA3 paper's H100 numbers for FA2, approximate); sdpa: that + the glue "
         f"kernels' bytes at {A['hbm_tbps']} TB/s + {A['launch_us']:.0f} µs per glue kernel; eager: Σ max(bytes ÷ "
         f"{A['hbm_tbps']} TB/s, FLOPs ÷ {A['cublas_tflops']:.0f} TFLOP/s) over its kernels. 'vs' columns: "
-        "predicted speed-up of fastbridge (low-high case).",
+        "predicted speed-up of fastbridge (low-high case). atomic dQ: the provider fastbridge-atomicdq "
+        "(FASTBRIDGE_GA_DQ=atomic: 5 instead of 7 backward matmuls per pair, + the fp32 dQ accumulator's zero-fill "
+        "and read; the L2 atomics' own throughput not modelled).",
         "",
         *ga_table_predict(),
         "",

@@ -32,10 +32,10 @@ BASELINES = {"llama_adapter_e2e": "peft", "llama_adapter_e2e_cpu_smoke": "peft"}
 # distinct values.
 X_KEYS = {"adapter_block": "N", "gated_attention": "L", "qformer_cross_attention": "B",
           "gated_attention_decode": "B", "llama_adapter_e2e": "L", "llama_adapter_e2e_cpu_smoke": "L"}
-PROVIDER_ORDER = ("fastbridge", "fastbridge-nosplit", "fastbridge-reference", "sdpa", "sdpa_noprompt", "compile",
-                  "eager", "peft")
-COLORS = {"fastbridge": "tab:red", "fastbridge-nosplit": "tab:pink", "fastbridge-reference": "tab:orange",
-          "sdpa": "tab:green", "sdpa_noprompt": "tab:olive", "compile": "tab:purple", "eager": "tab:blue",
+PROVIDER_ORDER = ("fastbridge", "fastbridge-nosplit", "fastbridge-atomicdq", "fastbridge-reference", "sdpa",
+                  "sdpa_noprompt", "compile", "eager", "peft")
+COLORS = {"fastbridge": "tab:red", "fastbridge-nosplit": "tab:pink", "fastbridge-atomicdq": "tab:brown",
+          "fastbridge-reference": "tab:orange", "sdpa": "tab:green", "sdpa_noprompt": "tab:olive", "compile": "tab:purple", "eager": "tab:blue",
           "peft": "tab:blue"}
 
 

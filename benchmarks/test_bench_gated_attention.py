@@ -11,6 +11,9 @@ in the activation dtype, g = gate as in PEFT, i.e. gate_fn="identity")
         compile        torch.compile(peft_eager_gated_attention, dynamic=False), compiled once per shape.
         fastbridge-nosplit  (decode only) fastbridge with the split-K decode path turned off (its
                        decode_splits forced to 1): measures what split-K buys.
+        fastbridge-atomicdq (prefill bwd / fwd_bwd only) fastbridge with FASTBRIDGE_GA_DQ=atomic: dQ
+                       accumulated by the dkdv kernel with fp32 atomics (FA2's single pass) instead of
+                       the separate dq kernel; measures which backward wins.
   CPU   fastbridge-reference (fastbridge's eager fp32 reference fallback), eager, sdpa, sdpa_noprompt at a
         tiny shape: a code-path smoke test of every provider function, not a kernel measurement.
 Ops / shapes (benchmarks/floors.py: GA_*; formulas for ``tflops`` / ``gbps`` there too):
@@ -24,8 +27,10 @@ Run the CUDA part in pieces under 10 minutes each (benchmarks/notes/gated_attent
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -41,7 +46,7 @@ from fastbridge.ops import gated_attention
 
 OP = "gated_attention"
 OP_DECODE = "gated_attention_decode"
-CUDA_PROVIDERS = ("fastbridge", "eager", "sdpa", "sdpa_noprompt", "compile")
+CUDA_PROVIDERS = ("fastbridge", "fastbridge-atomicdq", "eager", "sdpa", "sdpa_noprompt", "compile")
 CUDA_DECODE_PROVIDERS = ("fastbridge", "fastbridge-nosplit", "eager", "sdpa", "sdpa_noprompt", "compile")
 CPU_PROVIDERS = ("fastbridge-reference", "eager", "sdpa", "sdpa_noprompt")
 GATE_VALUE = 0.25  # PEFT initialises the gate at 0; any value times the same
@@ -172,7 +177,8 @@ class Case:
 def _cases(device, dtypes, shapes, providers, modes):
     # Shape-major: the providers and modes of one shape run back to back (one input set, one compile).
     return [Case(device, dt, s.b, s.h, s.hkv, s.lq, s.lk, s.d, s.p, p, m)
-            for dt in dtypes for s in shapes for p in providers for m in modes]
+            for dt in dtypes for s in shapes for p in providers for m in modes
+            if not (p == "fastbridge-atomicdq" and m == "fwd")]  # its forward is fastbridge's
 
 
 def _cpu_shapes() -> list[F.AttnShape]:
@@ -272,7 +278,7 @@ def _compiled():
 def provider_fn(c: Case, x: dict):
     """(forward callable, backend) of provider ``c.provider`` on the inputs ``x``."""
     q, k, v, pk, pv, gate, mask = (x[n] for n in ("q", "k", "v", "pk", "pv", "gate", "mask"))
-    if c.provider in ("fastbridge", "fastbridge-nosplit", "fastbridge-reference"):
+    if c.provider in ("fastbridge", "fastbridge-nosplit", "fastbridge-atomicdq", "fastbridge-reference"):
         backend = "reference" if c.provider == "fastbridge-reference" else "kernel"
         return (lambda: gated_attention(q, k, v, pk, pv, gate, causal=True, gate_fn="identity")), backend
     if c.provider == "eager":
@@ -304,6 +310,31 @@ class _NoSplit:
         return False
 
 
+@contextlib.contextmanager
+def _dq_env(mode: str):
+    """FASTBRIDGE_GA_DQ=mode while active (kernels/gated_attention.py reads it at each backward)."""
+    old = os.environ.get("FASTBRIDGE_GA_DQ")
+    os.environ["FASTBRIDGE_GA_DQ"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["FASTBRIDGE_GA_DQ"]
+        else:
+            os.environ["FASTBRIDGE_GA_DQ"] = old
+
+
+def provider_context(provider: str):
+    """What a provider variant changes while it runs (the same kernels, another path)."""
+    if provider == "fastbridge-nosplit":
+        return _NoSplit()
+    if provider == "fastbridge-atomicdq":
+        return _dq_env("atomic")
+    if provider == "fastbridge":
+        return _dq_env("separate")
+    return contextlib.nullcontext()
+
+
 def _run(fb_bench, c: Case) -> None:
     x = _inputs(c)
     fn, backend = provider_fn(c, x)
@@ -311,16 +342,9 @@ def _run(fb_bench, c: Case) -> None:
     prompt = c.provider != "sdpa_noprompt"
     oom = None
     try:
-        with fastbridge.use_backend(backend or "auto"):
-            if c.provider == "fastbridge-nosplit":
-                with _NoSplit():
-                    fb_bench.run(op=c.op, provider=c.provider, mode=c.mode, dtype=c.dtype, shape=c.shape, fn=fn,
-                                 device=c.device, flops=F.ga_flops(s, c.mode, prompt),
-                                 nbytes=F.ga_min_bytes(s, c.mode, prompt))
-            else:
-                fb_bench.run(op=c.op, provider=c.provider, mode=c.mode, dtype=c.dtype, shape=c.shape, fn=fn,
-                             device=c.device, flops=F.ga_flops(s, c.mode, prompt),
-                             nbytes=F.ga_min_bytes(s, c.mode, prompt))
+        with fastbridge.use_backend(backend or "auto"), provider_context(c.provider):
+            fb_bench.run(op=c.op, provider=c.provider, mode=c.mode, dtype=c.dtype, shape=c.shape, fn=fn,
+                         device=c.device, flops=F.ga_flops(s, c.mode, prompt), nbytes=F.ga_min_bytes(s, c.mode, prompt))
     except torch.OutOfMemoryError as e:
         oom = str(e).splitlines()[0]
     if oom is not None:  # outside the except block: the traceback's frames (and their tensors) are gone
@@ -369,12 +393,13 @@ def _agree(device: str, dtype: torch.dtype, providers, atol: float, rtol: float)
             c = Case(device, dt_name, b, h, hkv, lq, lk, d, p, prov, "fwd")
             x = dict(zip(("q", "k", "v", "pk", "pv", "gate"), xin), mask=additive_causal_mask(lq, lk, dtype, device))
             fn, backend = provider_fn(c, x)
-            with fastbridge.use_backend(backend or "auto"):
+            with fastbridge.use_backend(backend or "auto"), provider_context(prov):
                 y = fn()
-            msg = f"{prov} disagrees with the reference (Hkv={hkv}, Lq={lq}, Lk={lk}, {dtype})"
-            torch.testing.assert_close(y.double(), ref.detach(), atol=atol, rtol=rtol, msg=msg)
+                msg = f"{prov} disagrees with the reference (Hkv={hkv}, Lq={lq}, Lk={lk}, {dtype})"
+                torch.testing.assert_close(y.double(), ref.detach(), atol=atol, rtol=rtol, msg=msg)
+                if grad:
+                    y.backward(dy.to(dtype))
             if grad:
-                y.backward(dy.to(dtype))
                 for name, a, r in zip(("q", "k", "v", "pk", "pv", "gate"), xin, ref_in):
                     torch.testing.assert_close(a.grad.double(), r.grad, atol=atol * 4, rtol=rtol,
                                                msg=f"{msg}: d{name}")

@@ -153,21 +153,25 @@ def gated_attention_configs(arch: int = 90):
         c = dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee", GROUP=4)
         yield ("gated_attn_bwd_pre", cfg, K._gated_attn_bwd_pre_kernel, sig, c, warps, 1)
         bm, bn, warps, stages = bcfg["dkdv"]
-        cfg = f"D={D} BM={bm} BN={bn} warps={warps}"
-        sig = dict(Q=p, K=p, V=p, DO=p, KPM="*u8", LSE_M=f, DELTA_M=f, DK=p, DV=p,
+        sig = dict(Q=p, K=p, V=p, DO=p, KPM="*u8", LSE_M=f, DELTA_M=f, DK=p, DV=p, DQ_ACC=f,
                    **strides("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sdb", "sdh", "sdm",
                              "sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn", "H", "Hkv", "Lq", "Lk", "D"),
                    qk_scale="fp32")
-        c = dict(GROUP=4, CAUSAL=True, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC="ieee")
-        yield ("gated_attn_bwd_dkdv", cfg, K._gated_attn_bwd_dkdv_kernel, sig, c, warps, stages)
+        for atomic in (False, True):  # FASTBRIDGE_GA_DQ: separate / atomic
+            c = dict(GROUP=4, CAUSAL=True, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC="ieee",
+                     ATOMIC_DQ=atomic)
+            yield ("gated_attn_bwd_dkdv" + ("_atomic" if atomic else ""), f"D={D} BM={bm} BN={bn} warps={warps}",
+                   K._gated_attn_bwd_dkdv_kernel, sig, c, warps, stages)
         bm, bn, warps, stages = bcfg["dq"]
-        cfg = f"D={D} BM={bm} BN={bn} warps={warps}"
         sig = dict(Q=p, K=p, V=p, PK=p, PV=p, G=f, DO=p, KPM="*u8", LSE_M=f, LSE_P=f, DELTA_M=f, DELTA_P=f, DQ=p,
-                   **strides("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "spkb", "spkh", "spkn",
-                             "spvb", "spvh", "spvn", "sdb", "sdh", "sdm", "sdqb", "sdqh", "sdqm", "H", "GROUP", "Lq",
-                             "Lk", "P", "D"), qk_scale="fp32")
-        c = dict(CAUSAL=True, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee")
-        yield ("gated_attn_bwd_dq", cfg, K._gated_attn_bwd_dq_kernel, sig, c, warps, stages)
+                   DQ_ACC=f, **strides("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "spkb", "spkh",
+                                       "spkn", "spvb", "spvh", "spvn", "sdb", "sdh", "sdm", "sdqb", "sdqh", "sdqm",
+                                       "H", "GROUP", "Lq", "Lk", "P", "D"), qk_scale="fp32")
+        for from_acc in (False, True):
+            c = dict(CAUSAL=True, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee",
+                     MAIN_FROM_ACC=from_acc)
+            yield ("gated_attn_bwd_dq" + ("_acc" if from_acc else ""), f"D={D} BM={bm} BN={bn} warps={warps}",
+                   K._gated_attn_bwd_dq_kernel, sig, c, warps, stages)
 
 
 def all_configs(arch: int = 90):

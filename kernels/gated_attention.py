@@ -21,10 +21,16 @@ Backward, FlashAttention-2 style recomputation from the saved statistics:
   dkdv   per (key tile, b·hkv): loops over the group's query heads and the query tiles that can see
          the tile; dk, dv accumulated in registers (no atomics).
   dq     per (query tile, b·h): main keys, then the prefix branch.
+dQ mode (``FASTBRIDGE_GA_DQ``, read at each backward; see dq_mode): "separate" (default, deterministic) as
+above -- 7 matmuls per visible (query, key) pair; "atomic" -- the dkdv kernel also computes dS k and adds it
+in fp32 into a zeroed (B, H, Lq, D) buffer with atomics (FlashAttention-2's single pass: 5 matmuls per pair,
+summation order not deterministic), and the dq kernel only adds the prefix part and casts.
 """
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import torch
 import triton
@@ -326,12 +332,15 @@ def _gated_attn_bwd_pre_kernel(
 
 @triton.jit
 def _gated_attn_bwd_dkdv_kernel(
-    Q, K, V, DO, KPM, LSE_M, DELTA_M, DK, DV,
+    Q, K, V, DO, KPM, LSE_M, DELTA_M, DK, DV, DQ_ACC,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
     H, Hkv, Lq, Lk, D, qk_scale,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
+    # ATOMIC_DQ: also dQ's main part, dS k, added in fp32 into DQ_ACC (B, H, Lq, D), contiguous and zeroed
+    # (FlashAttention-2's single pass: 5 matmuls per visible pair instead of dkdv's 4 + dq's 3).
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = pid_bk // Hkv
@@ -372,6 +381,10 @@ def _gated_attn_bwd_dkdv_kernel(
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(dtype)), q, input_precision=DOT_PREC)
+            if ATOMIC_DQ:
+                dq = tl.dot(ds.to(dtype), k, input_precision=DOT_PREC)
+                tl.atomic_add(DQ_ACC + (bh * Lq + offs_m[:, None]) * D + offs_d[None, :], dq, mask=qmask,
+                              sem="relaxed")
     dk = dk * (qk_scale * _LN2)
     tl.store(DK + b64 * sdkb + hk64 * sdkh + offs_n[:, None] * sdkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=kv_mask)
@@ -381,14 +394,16 @@ def _gated_attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _gated_attn_bwd_dq_kernel(
-    Q, K, V, PK, PV, G, DO, KPM, LSE_M, LSE_P, DELTA_M, DELTA_P, DQ,
+    Q, K, V, PK, PV, G, DO, KPM, LSE_M, LSE_P, DELTA_M, DELTA_P, DQ, DQ_ACC,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, spkb, spkh, spkn, spvb, spvh, spvn, sdb, sdh, sdm,
     sdqb, sdqh, sdqm,
     H, GROUP, Lq, Lk, P, D, qk_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, MAIN_FROM_ACC: tl.constexpr,
 ):
+    # MAIN_FROM_ACC: the main keys' part of dQ was accumulated by the dkdv kernel (ATOMIC_DQ); add the
+    # prefix part, scale, cast.
     pid_bh = tl.program_id(1)
     b, b64, h64, hk64, start_m, offs_m, offs_d, mask_m, mask_d = _query_tile(tl.program_id(0), pid_bh, H, GROUP, Lq,
                                                                              D, BLOCK_M, BLOCK_D)
@@ -397,25 +412,28 @@ def _gated_attn_bwd_dq_kernel(
     q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=qmask, other=0.0)
     do = tl.load(DO + b64 * sdb + h64 * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=qmask, other=0.0)
     row = pid_bh.to(tl.int64) * Lq + offs_m
-    lse = tl.load(LSE_M + row, mask=mask_m, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(DELTA_M + row, mask=mask_m, other=0.0)
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    k_base = K + b64 * skb + hk64 * skh
-    v_base = V + b64 * svb + hk64 * svh
-    hi = _causal_hi(start_m, Lq, Lk, BLOCK_M, CAUSAL)
-    for n0 in range(0, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < Lk)[:, None] & mask_d[None, :]
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        p = tl.exp2(s - (lse * _LOG2E)[:, None])
-        p = tl.where(_main_mask(offs_m, offs_n, b, Lq, Lk, KPM, CAUSAL, HAS_KPM), p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(dtype), k, input_precision=DOT_PREC)
+    if MAIN_FROM_ACC:
+        dq = tl.load(DQ_ACC + row[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
+    else:
+        lse = tl.load(LSE_M + row, mask=mask_m, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        delta = tl.load(DELTA_M + row, mask=mask_m, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        k_base = K + b64 * skb + hk64 * skh
+        v_base = V + b64 * svb + hk64 * svh
+        hi = _causal_hi(start_m, Lq, Lk, BLOCK_M, CAUSAL)
+        for n0 in range(0, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            kv_mask = (offs_n < Lk)[:, None] & mask_d[None, :]
+            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            p = tl.exp2(s - (lse * _LOG2E)[:, None])
+            p = tl.where(_main_mask(offs_m, offs_n, b, Lq, Lk, KPM, CAUSAL, HAS_KPM), p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(dtype), k, input_precision=DOT_PREC)
 
     # Prefix branch: dS_p = P_p ∘ (g·dO pvᵀ - Δp).
     g = tl.load(G + h64).to(tl.float32)
@@ -480,6 +498,29 @@ def decode_splits(programs: int, Lq: int, Lk: int, block_m: int, block_n: int, d
         return 1
     want = triton.cdiv(2 * sm_count(device), programs)
     return max(1, min(want, Lk // (4 * block_n)))
+
+
+DQ_MODES = ("separate", "atomic")
+DQ_ENV = "FASTBRIDGE_GA_DQ"
+_warned_deterministic = False
+
+
+def dq_mode() -> str:
+    """The backward's dQ path: FASTBRIDGE_GA_DQ ("separate", the default, or "atomic"). "atomic" is not
+    deterministic, so under torch.use_deterministic_algorithms(True) the separate path runs instead
+    (same gradients up to rounding; only speed differs) -- said once with a warning."""
+    global _warned_deterministic
+    mode = os.environ.get(DQ_ENV, "separate").strip().lower() or "separate"
+    if mode not in DQ_MODES:
+        raise ValueError(f"{DQ_ENV}: expected one of {', '.join(DQ_MODES)}, got {mode!r}")
+    if mode == "atomic" and torch.are_deterministic_algorithms_enabled():
+        if not _warned_deterministic:
+            _warned_deterministic = True
+            warnings.warn(f"fastbridge: {DQ_ENV}=atomic accumulates dQ with atomics (not deterministic); "
+                          "deterministic algorithms are on, so gated_attention's backward uses the separate dQ "
+                          "kernel (same results, only speed differs)", stacklevel=3)
+        return "separate"
+    return mode
 
 
 def _prefix_block(P: int) -> int:
@@ -573,22 +614,25 @@ def gated_attention_backward(dout, q, k, v, pk, pv, g, out, lse_m, lse_p, causal
         BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, DOT_PREC=prec, GROUP=group, num_warps=warps,
     )
 
+    atomic = dq_mode() == "atomic" and Lk > 0
+    # fp32 main-part dQ accumulator (atomic mode); zeroed: every visible pair adds into it.
+    dq_acc = torch.zeros((B, H, Lq, D), dtype=torch.float32, device=dev) if atomic else dq
     if Lk > 0:
         block_m, block_n, warps, stages = cfg["dkdv"]
         _gated_attn_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), B * Hkv)](
-            q, k, v, dout, kpm_t, lse_m, delta_m, dk, dv,
+            q, k, v, dout, kpm_t, lse_m, delta_m, dk, dv, dq_acc,
             *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
             H, Hkv, Lq, Lk, D, qk_scale,
             GROUP=group, CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            DOT_PREC=prec, num_warps=warps, num_stages=stages,
+            DOT_PREC=prec, ATOMIC_DQ=atomic, num_warps=warps, num_stages=stages,
         )
     block_m, block_n, warps, stages = cfg["dq"]
     _gated_attn_bwd_dq_kernel[(triton.cdiv(Lq, block_m), B * H)](
-        q, k, v, pk, pv, g32, dout, kpm_t, lse_m, lse_p, delta_m, delta_p, dq,
+        q, k, v, pk, pv, g32, dout, kpm_t, lse_m, lse_p, delta_m, delta_p, dq, dq_acc,
         *_s4(q), *_s4(k), *_s4(v), *_s4(pk, shared), *_s4(pv, shared), *_s4(dout), *_s4(dq),
         H, group, Lq, Lk, P, D, qk_scale,
         CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_D=block_d,
-        DOT_PREC=prec, num_warps=warps, num_stages=stages,
+        DOT_PREC=prec, MAIN_FROM_ACC=atomic, num_warps=warps, num_stages=stages,
     )
 
     # Reduce the prefix partials: over chunks, the GQA group's query heads and (shared prompt) the batch.

@@ -68,10 +68,17 @@ def reference64(t, kw, dout):
     return out, dict(zip(NAMES, grads))
 
 
+@pytest.fixture(params=["separate", "atomic"])
+def dq_mode(request, monkeypatch):
+    """Both backward dQ paths of the kernel (kernels/gated_attention.py: dq_mode)."""
+    monkeypatch.setenv("FASTBRIDGE_GA_DQ", request.param)
+    return request.param
+
+
 @needs_kernels
 @pytest.mark.parametrize("device,dtype", kernel_cases())
 @pytest.mark.parametrize("B,H,Hkv,Lq,Lk,P,D,opts", CASES)
-def test_kernel_matches_float64_reference(device, dtype, B, H, Hkv, Lq, Lk, P, D, opts):
+def test_kernel_matches_float64_reference(device, dtype, B, H, Hkv, Lq, Lk, P, D, opts, dq_mode):
     t, kw = make_inputs(B, H, Hkv, Lq, Lk, P, D, opts, dtype, device)
     dout = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
     out, grads = run(t, kw, dout, "kernel")
@@ -142,6 +149,31 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(torch.autograd.grad(compiled.sum(), leaves), torch.autograd.grad(eager.sum(), leaves)):
         torch.testing.assert_close(a, b)
+
+
+@needs_kernels
+def test_dq_modes_agree_and_atomic_yields_to_determinism(monkeypatch):
+    from fastbridge.kernels import gated_attention as K
+
+    device = kernel_devices()[0]
+    t, kw = make_inputs(2, 4, 2, 37, 37, 3, 32, dict(kpm="partial"), torch.float32, device)
+    dout = torch.randn(2, 4, 37, 32, generator=torch.Generator().manual_seed(1)).to(device)
+    grads = {}
+    for mode in K.DQ_MODES:
+        monkeypatch.setenv(K.DQ_ENV, mode)
+        assert K.dq_mode() == mode
+        grads[mode] = run(t, kw, dout, "kernel")[1]
+    for n in NAMES:  # same gradients up to fp32 summation order
+        torch.testing.assert_close(grads["atomic"][n], grads["separate"][n], rtol=1e-5, atol=1e-5, msg=n)
+    monkeypatch.setenv(K.DQ_ENV, "atomic")
+    monkeypatch.setattr(K, "_warned_deterministic", False)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+        with pytest.warns(UserWarning, match="FASTBRIDGE_GA_DQ=atomic .* separate dQ kernel"):
+            assert K.dq_mode() == "separate"
+    monkeypatch.setenv(K.DQ_ENV, "fast")
+    with pytest.raises(ValueError, match="FASTBRIDGE_GA_DQ: expected one of separate, atomic, got 'fast'"):
+        K.dq_mode()
 
 
 def test_decode_cases_take_the_split_path():
