@@ -6,13 +6,14 @@
 //    loads, zero-filled past Lk); S = Q K^T and O += P V on tensor cores through WMMA (bf16 / fp16
 //    m16n16k16, fp32 as TF32 m16n16k8: one product when TF32 is allowed, else the 3xTF32 split
 //    a_hi*b_hi + a_hi*b_lo + a_lo*b_hi, which keeps fp32 accuracy); fp32 scores, online softmax
-//    (exp2, per-row max / sum, O rescaled in shared memory), masks, inverted dropout from Philox
-//    (philox.h: one draw per 4 keys of a row, the same stream as the CPU kernel), fp32 accumulation.
+//    (scores / max in natural units, exp2 of (s - max) log2 e, per-row sum, O rescaled in shared
+//    memory), masks, inverted dropout from Philox (philox.h: one draw per 4 keys of a row, the same
+//    stream as the CPU kernel), fp32 accumulation.
 //    Saves lse (natural log; +inf for a row that sees no key) -- never the probabilities.
 //  * backward: one block per (batch*head), 4 warps; key blocks of 64 (warp w owns 16 keys) in an
 //    outer loop, query tiles of 32 rows in an inner loop. Per tile: S^T = K Q^T and dPd^T = V dO^T
-//    (WMMA), P = exp2(S - lse) recomputed, the dropout mask replayed, dS = P (dP - delta);
-//    dV += Pd^T dO and dK += dS^T Q accumulate in registers (WMMA accumulators) for the key block;
+//    (WMMA), P = exp2((S - lse) log2 e) recomputed, the dropout mask replayed, dS = P (dP - delta);
+//    dV += Pd^T dO and dK += dS^T Q accumulate in fp32 shared memory for the key block;
 //    dQ += dS K goes to an fp32 buffer this block owns alone (no atomics: deterministic). delta =
 //    rowsum(dO o O) is computed by the block first. dq (and its sum over the batch for a broadcast
 //    query) is finished by the host.
@@ -184,7 +185,9 @@ __global__ void __launch_bounds__(NW * 32, 1) qf_fwd_kernel(const QfParams p) {
   const int64_t b = bh / p.H, h = bh % p.H;
   const int q0 = blockIdx.y * BM;
   const int Lq = static_cast<int>(p.Lq), Lk = static_cast<int>(p.Lk);
-  const float scale2 = p.scale * kLog2e;  // scores in log2 units
+  // Scores, row max and lse stay in natural units (as the CPU kernel): an additive mask of finfo.min
+  // (HF's eager masks) times log2(e) would overflow to -inf and empty a row the CPU kernel and the
+  // reference average over. Differences to the max are taken to log2 units: exp2((s - m) log2 e).
   const bool dropout = p.dropout_p > 0.f;
 
   const T* qg = static_cast<const T*>(p.q) + b * p.sq.b + h * p.sq.h + q0 * p.sq.l;
@@ -229,9 +232,9 @@ __global__ void __launch_bounds__(NW * 32, 1) qf_fwd_kernel(const QfParams p) {
       float s[4];
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
-        s[t] = Ss[r * LDS + c + t] * scale2 + kadd[c + t];
+        s[t] = Ss[r * LDS + c + t] * p.scale + kadd[c + t];
         if (p.bias && i < Lq && k0 + c + t < Lk)
-          s[t] += p.bias[b * p.bs_b + h * p.bs_h + i * p.bs_q + (k0 + c + t) * p.bs_k] * kLog2e;
+          s[t] += p.bias[b * p.bs_b + h * p.bs_h + i * p.bs_q + (k0 + c + t) * p.bs_k];
       }
       float mx = fmaxf(fmaxf(s[0], s[1]), fmaxf(s[2], s[3]));
 #pragma unroll
@@ -242,12 +245,12 @@ __global__ void __launch_bounds__(NW * 32, 1) qf_fwd_kernel(const QfParams p) {
       float pr[4], sum = 0.f;
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
-        pr[t] = exp2f(s[t] - m_use);
+        pr[t] = exp2f((s[t] - m_use) * kLog2e);
         sum += pr[t];
       }
 #pragma unroll
       for (int off = 8; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-      const float alpha = exp2f(m_old - m_use);
+      const float alpha = exp2f((m_old - m_use) * kLog2e);
       if (dropout) {
         float keep[4] = {0.f, 0.f, 0.f, 0.f};
         if (i < Lq) {
@@ -298,7 +301,7 @@ __global__ void __launch_bounds__(NW * 32, 1) qf_fwd_kernel(const QfParams p) {
     const int r = r0 + lane, i = q0 + r;
     if (i < Lq) {
       const float l = lrow[r];
-      p.lse[bh * p.Lq + i] = l > 0.f ? (mrow[r] + log2f(l)) * kLn2 : INFINITY;
+      p.lse[bh * p.Lq + i] = l > 0.f ? mrow[r] + log2f(l) * kLn2 : INFINITY;
     }
   }
 }
@@ -350,8 +353,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1) qf_bwd_kernel(const QfParam
   const int64_t b = bh / p.H, h = bh % p.H;
   const int Lq = static_cast<int>(p.Lq), Lk = static_cast<int>(p.Lk);
   const int LqP = (Lq + kBMQ - 1) / kBMQ * kBMQ;
-  const float scale2 = p.scale * kLog2e;
-  const bool dropout = p.dropout_p > 0.f;
+  const bool dropout = p.dropout_p > 0.f;  // scores and lse in natural units, as the forward
   const T* qg = static_cast<const T*>(p.q) + b * p.sq.b + h * p.sq.h;
   const T* dog = static_cast<const T*>(p.dout) + b * p.sdo.b + h * p.sdo.h;
   const T* og = static_cast<const T*>(p.out) + bh * p.Lq * D;
@@ -393,7 +395,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1) qf_bwd_kernel(const QfParam
       load_tile<T, D, LDT>(dOs, dog + q0 * p.sdo.l, p.sdo.l, kBMQ, qvalid, tid, nthreads);
       for (int c = tid; c < kBMQ; c += nthreads) {
         const int i = q0 + c;
-        lse_s[c] = i < Lq ? p.lse[bh * p.Lq + i] * kLog2e : INFINITY;  // +inf: P = exp2(-inf) = 0
+        lse_s[c] = i < Lq ? p.lse[bh * p.Lq + i] : INFINITY;  // +inf: P = exp2(-inf) = 0
         delta_s[c] = i < Lq ? delta[i] : 0.f;
       }
       __syncthreads();
@@ -432,9 +434,9 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1) qf_bwd_kernel(const QfParam
 #pragma unroll
           for (int t = 0; t < 4; ++t) {
             const int kr = kl + t, j = k0 + kr;
-            float s = St[kr * LDQ + c] * scale2 + kadd[kr];
-            if (p.bias && i < Lq && j < Lk) s += p.bias[b * p.bs_b + h * p.bs_h + i * p.bs_q + j * p.bs_k] * kLog2e;
-            const float pr = exp2f(s - lse_s[c]);
+            float s = St[kr * LDQ + c] * p.scale + kadd[kr];
+            if (p.bias && i < Lq && j < Lk) s += p.bias[b * p.bs_b + h * p.bs_h + i * p.bs_q + j * p.bs_k];
+            const float pr = exp2f((s - lse_s[c]) * kLog2e);
             const float pd = pr * keep[t];
             const float dp = dPt[kr * LDQ + c] * keep[t];
             Pdt[kr * LDQT + c] = Elem<T>::from_f(pd);
@@ -619,7 +621,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qformer_attn_bwd_cuda(
   p.allow_tf32 = allow_tf32;
   TORCH_CHECK(dout_.sizes() == at::IntArrayRef({p.B, p.H, p.Lq, p.D}) && out.sizes() == dout_.sizes(),
               "fastbridge::qformer_attn_bwd: dout and out must be (B, H, Lq, D)");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "fastbridge::qformer_attn_bwd: lse must be float32");
+  TORCH_CHECK(dout_.scalar_type() == q_.scalar_type() && out.scalar_type() == q_.scalar_type(),
+              "fastbridge::qformer_attn_bwd: dout and out must have q's dtype");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({p.B, p.H, p.Lq}),
+              "fastbridge::qformer_attn_bwd: lse must be float32 (B, H, Lq)");
+  TORCH_CHECK(dout_.device() == q_.device() && out.device() == q_.device() && lse.device() == q_.device(),
+              "fastbridge::qformer_attn_bwd: dout, out and lse must be on q's device");
   const at::Tensor dout = vec_aligned(dout_);
   const at::Tensor out_c = out.contiguous();
   const at::Tensor lse_c = lse.contiguous();
