@@ -77,7 +77,7 @@ setup(
     packages=packages,
     package_dir=package_dir,
     package_data=package_data,
-    install_requires=["torch>=2.5", "triton>=3.1", "numpy", "safetensors", "ninja"],
+    install_requires=["torch>=2.5", "triton>=3.3", "numpy", "safetensors", "ninja"],
     extras_require=extras,
     entry_points={"console_scripts": ["fastbridge=fastbridge.cli:main"]},
     **aot,

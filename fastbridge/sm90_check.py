@@ -141,8 +141,9 @@ def gated_attention_configs(arch: int = 90):
                    **strides("sqb", "sqh", "sqm", "spkb", "spkh", "spkn", "spvb", "spvh", "spvn", "sob", "soh", "som",
                              "H", "GROUP", "Lq", "P", "D", "n_splits"), qk_scale="fp32")
         c = dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee")
-        yield ("gated_attn_fwd_combine", f"D={D} BM={bm} warps={warps}", K._gated_attn_fwd_combine_kernel, sig, c,
-               warps, 1)
+        cw = K.combine_warps(bm, D)
+        yield ("gated_attn_fwd_combine", f"D={D} BM={bm} warps={cw}", K._gated_attn_fwd_combine_kernel, sig, c, cw,
+               1)
         bcfg = K.bwd_config(D)
         bm, bn, warps, stages = bcfg["pre"]
         cfg = f"D={D} BM={bm} warps={warps}"
@@ -151,7 +152,7 @@ def gated_attention_configs(arch: int = 90):
                                          "soh", "som", "sdb", "sdh", "sdm", "H", "Lq", "P", "D", "rows_per_prog"),
                    qk_scale="fp32")
         c = dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee", GROUP=4)
-        yield ("gated_attn_bwd_pre", cfg, K._gated_attn_bwd_pre_kernel, sig, c, warps, 1)
+        yield ("gated_attn_bwd_pre", cfg, K._gated_attn_bwd_pre_kernel, sig, c, warps, stages)
         bm, bn, warps, stages = bcfg["dkdv"]
         sig = dict(Q=p, K=p, V=p, DO=p, KPM="*u8", LSE_M=f, DELTA_M=f, DK=p, DV=p, DQ_ACC=f,
                    **strides("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sdb", "sdh", "sdm",

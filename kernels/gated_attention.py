@@ -379,12 +379,12 @@ def _gated_attn_bwd_dkdv_kernel(
             p = tl.where(_main_mask(offs_m, offs_n, b, Lq, Lk, KPM, CAUSAL, HAS_KPM) & mask_m[:, None], p, 0.0)
             dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=DOT_PREC)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(dtype)), q, input_precision=DOT_PREC)
-            if ATOMIC_DQ:
-                dq = tl.dot(ds.to(dtype), k, input_precision=DOT_PREC)
+            ds = (p * (dp - delta[:, None])).to(dtype)
+            if ATOMIC_DQ:  # before dk's dot: with dk after it, Triton 3.6's ptxas (12.8) spills at D = 64
+                dq = tl.dot(ds, k, input_precision=DOT_PREC)
                 tl.atomic_add(DQ_ACC + (bh * Lq + offs_m[:, None]) * D + offs_d[None, :], dq, mask=qmask,
                               sem="relaxed")
+            dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PREC)
     dk = dk * (qk_scale * _LN2)
     tl.store(DK + b64 * sdkb + hk64 * sdkh + offs_n[:, None] * sdkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=kv_mask)
@@ -477,7 +477,15 @@ def fwd_config(D: int, Lq: int) -> tuple[int, int, int, int]:
     if Lq <= 16:
         block_m = 16
     block_n = 64 if D <= 128 else 32
-    return block_m, block_n, 8 if block_m == 128 or D > 128 else 4, 2
+    # A 16-row (decode) tile takes 4 warps at any D: with 8 at D = 256, Triton 3.6's ptxas stops at 128
+    # registers and spills.
+    warps = 8 if block_m == 128 or (D > 128 and block_m > 16) else 4
+    return block_m, block_n, warps, 2
+
+
+def combine_warps(block_m: int, D: int) -> int:
+    """num_warps of the decode combine kernel (no key loop): 8 for a 128-row tile or D > 128."""
+    return 8 if block_m == 128 or D > 128 else 4
 
 
 def bwd_config(D: int) -> dict[str, tuple[int, int, int, int]]:
@@ -569,7 +577,8 @@ def gated_attention_forward(q, k, v, pk, pv, g, causal, scale, kpm):
         q, pk, pv, g, acc_part, ml_part, out, lse_m, lse_p,
         *_s4(q), *_s4(pk, shared), *_s4(pv, shared), *_s4(out),
         H, H // Hkv, Lq, P, D, splits, qk_scale,
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, DOT_PREC=prec, num_warps=combine_warps(block_m, D),
+        num_stages=1,
     )
     return out, lse_m, lse_p
 
@@ -599,7 +608,7 @@ def gated_attention_backward(dout, q, k, v, pk, pv, g, out, lse_m, lse_p, causal
     # pre: Δ's, dg and d prefix partials. Row chunks sized for ~4 programs per SM overall.
     delta_m = empty((B, H, Lq), torch.float32, dev)
     delta_p = empty((B, H, Lq), torch.float32, dev)
-    block_m, _, warps, _ = cfg["pre"]
+    block_m, _, warps, stages = cfg["pre"]
     n_tiles = triton.cdiv(Lq, block_m)
     chunks = max(1, min(n_tiles, triton.cdiv(4 * sm_count(dev), B * H)))
     rows_per_prog = triton.cdiv(n_tiles, chunks) * block_m
@@ -612,6 +621,7 @@ def gated_attention_backward(dout, q, k, v, pk, pv, g, out, lse_m, lse_p, causal
         *_s4(q), *_s4(pk, shared), *_s4(pv, shared), *_s4(out), *_s4(dout),
         H, Lq, P, D, rows_per_prog, qk_scale,
         BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, DOT_PREC=prec, GROUP=group, num_warps=warps,
+        num_stages=stages,
     )
 
     atomic = dq_mode() == "atomic" and Lk > 0
