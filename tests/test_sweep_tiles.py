@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 from conftest import needs_interpreter
 
@@ -73,11 +74,15 @@ def test_override_swaps_one_entry_and_restores():
 def test_compile_filter_rejects_spills_and_oversized_shared_memory_and_accepts_the_default():
     cases = {
         "default": ("fwd", 64, *S.default_config("fwd", 64)),
-        "spills": ("fwd", 128, 64, 64, 4, 2),         # 255 registers + a 56-byte stack frame
-        "spills_unpadded": ("fwd", 128, 64, 32, 4, 4),  # fits with the padding mask, spills 16 B without
+        "spills": ("fwd", 128, 64, 64, 4, 2),         # 255 registers + a stack frame (Triton 3.6 and 3.9)
         "smem": ("fwd", 128, 64, 128, 8, 4),           # 4 stages of 128x128 K/V tiles: 272 KB
         "pruned": ("fwd", 128, 128, 128, 4, 2),       # 256 fp32 accumulator values per thread
     }
+    # Fits with the padding mask and spills 16 B without it -- with Triton 3.9's ptxas; 3.6's (the GPU
+    # image's) allocates it without spills, and no such example was found for it.
+    unpadded_example = triton.__version__.startswith("3.9")
+    if unpadded_example:
+        cases["spills_unpadded"] = ("fwd", 128, 64, 32, 4, 4)
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import sweep_tiles as S; "
             "cases = json.loads(sys.argv[2]); "
             "print(json.dumps({k: S.compile_check(S.Candidate(*v)).to_json() for k, v in cases.items()}))")
@@ -88,7 +93,8 @@ def test_compile_filter_rejects_spills_and_oversized_shared_memory_and_accepts_t
     ok = res["default"]
     assert ok.rejected is None and ok.stack == 0 and ok.wgmma and 0 < ok.shared <= S.SMEM_LIMIT, ok
     assert res["spills"].rejected.startswith("spills (padded-gqa4") and res["spills"].stack > 0, res["spills"]
-    assert res["spills_unpadded"].rejected.startswith("spills (plain-mha"), res["spills_unpadded"]
+    if unpadded_example:
+        assert res["spills_unpadded"].rejected.startswith("spills (plain-mha"), res["spills_unpadded"]
     assert res["smem"].rejected.startswith("shared memory") and res["smem"].shared > S.SMEM_LIMIT, res["smem"]
     assert res["pruned"].rejected.startswith("pruned") and res["pruned"].registers is None, res["pruned"]
 
