@@ -334,7 +334,6 @@ GA_DECODE_B = (1, 8, 32)
 GA_DECODE_B_QUICK = (8,)
 # CPU grid (reference fallback vs eager / sdpa: a code-path smoke test, not a kernel measurement).
 GA_CPU = dict(h=4, hkv=(4, 2), d=32, p=10, b=2, l=128, decode_b=2, decode_lk=256)
-GA_PROVIDERS_CUDA = ("fastbridge", "eager", "sdpa", "sdpa_noprompt", "compile")
 
 
 @dataclass(frozen=True)
@@ -470,10 +469,10 @@ def ga_kernel_flops(s: AttnShape, mode: str, dq: str = "separate") -> int:
     unit = 2 * s.b * s.h * s.d                     # one matmul over one (row, key) pair, all heads
     fwd = unit * (2 * _tile_pairs(s.lq, s.lk, bm_f, bn, s.causal) + 2 * s.lq * bp)
     if dq == "atomic":
-        bwd = unit * (5 * _kv_tile_pairs(s.lq, s.lk, 32, 64, s.causal) + 8 * s.lq * bp)
+        main = 5 * _kv_tile_pairs(s.lq, s.lk, 32, 64, s.causal)
     else:
-        bwd = unit * (4 * _kv_tile_pairs(s.lq, s.lk, 32, 64, s.causal)
-                      + 3 * _tile_pairs(s.lq, s.lk, 64, 64, s.causal) + 8 * s.lq * bp)
+        main = 4 * _kv_tile_pairs(s.lq, s.lk, 32, 64, s.causal) + 3 * _tile_pairs(s.lq, s.lk, 64, 64, s.causal)
+    bwd = unit * (main + 8 * s.lq * bp)
     return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
 
 
@@ -843,12 +842,9 @@ def ga_table_predict() -> list[str]:
             if mode == "fwd":
                 np_ = p["sdpa_noprompt"][0]
                 le = "yes" if fb[1] <= np_ else ("if high case" if fb[0] <= np_ else "no")
-            at = ""
-            if mode != "fwd":
-                a = p["fastbridge-atomicdq"]
-                at = f"{a[0]:.3f}-{a[1]:.3f} | {p['sdpa'][0] / a[1]:.2f}-{p['sdpa'][0] / a[0]:.2f}×"
-            else:
-                at = " | "
+            a = p["fastbridge-atomicdq"]
+            at = (" | " if mode == "fwd" else
+                  f"{a[0]:.3f}-{a[1]:.3f} | {p['sdpa'][0] / a[1]:.2f}-{p['sdpa'][0] / a[0]:.2f}×")
             out.append(f"| {s.label} | {mode} | {fb[0]:.3f}-{fb[1]:.3f} | {p['sdpa'][0]:.3f} | "
                        f"{p['sdpa_noprompt'][0]:.3f} | {p['eager'][0]:.2f} | {vs_sdpa} | {vs_eager} | {le} | {at} |")
     return out

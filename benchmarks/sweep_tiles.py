@@ -60,6 +60,7 @@ from pathlib import Path
 import torch
 
 from fastbridge.kernels import gated_attention as GA
+from fastbridge.sm90_check import GA_SIGNATURES
 
 DEFAULT_OUT = Path("/tmp/fastbridge-sweep")
 CANDIDATES_FILE = "sweep_candidates.json"
@@ -171,30 +172,6 @@ def enumerate_candidates(kernels=KERNELS, head_dims=HEAD_DIMS) -> list[Candidate
 
 
 # -------------------------------------------------------------------------------- sm_90 compile check
-def _i32(*names):
-    return {n: "i32" for n in names}
-
-
-_P, _F = "*bf16", "*fp32"
-_SIGNATURES = {
-    "fwd": dict(Q=_P, K=_P, V=_P, PK=_P, PV=_P, G=_F, KPM="*u8", OUT=_P, LSE_M=_F, LSE_P=_F,
-                **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "spkb", "spkh", "spkn",
-                       "spvb", "spvh", "spvn", "sob", "soh", "som", "H", "GROUP", "Lq", "Lk", "P", "D"),
-                qk_scale="fp32"),
-    "pre": dict(Q=_P, PK=_P, PV=_P, G=_F, OUT=_P, DO=_P, LSE_P=_F, DELTA_M=_F, DELTA_P=_F, DG_PART=_F,
-                DPK_PART=_F, DPV_PART=_F,
-                **_i32("sqb", "sqh", "sqm", "spkb", "spkh", "spkn", "spvb", "spvh", "spvn", "sob", "soh", "som",
-                       "sdb", "sdh", "sdm", "H", "Lq", "P", "D", "rows_per_prog"), qk_scale="fp32"),
-    "dkdv": dict(Q=_P, K=_P, V=_P, DO=_P, KPM="*u8", LSE_M=_F, DELTA_M=_F, DK=_P, DV=_P, DQ_ACC=_F,
-                 **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sdb", "sdh", "sdm",
-                        "sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn", "H", "Hkv", "Lq", "Lk", "D"),
-                 qk_scale="fp32"),
-    "dq": dict(Q=_P, K=_P, V=_P, PK=_P, PV=_P, G=_F, DO=_P, KPM="*u8", LSE_M=_F, LSE_P=_F, DELTA_M=_F,
-               DELTA_P=_F, DQ=_P, DQ_ACC=_F,
-               **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "spkb", "spkh", "spkn",
-                      "spvb", "spvh", "spvn", "sdb", "sdh", "sdm", "sdqb", "sdqh", "sdqm", "H", "GROUP", "Lq",
-                      "Lk", "P", "D"), qk_scale="fp32"),
-}
 _JIT = {"fwd": GA._gated_attn_fwd_kernel, "pre": GA._gated_attn_bwd_pre_kernel,
         "dkdv": GA._gated_attn_bwd_dkdv_kernel, "dq": GA._gated_attn_bwd_dq_kernel}
 
@@ -224,7 +201,7 @@ def compile_args(c: Candidate, variant: str):
         "dkdv": dict(mask, **tiles, GROUP=flags["GROUP"], ATOMIC_DQ=atomic),
         "dq": dict(mask, **tiles, MAIN_FROM_ACC=atomic),
     }[base]
-    return _JIT[base], _SIGNATURES[base], constexprs, c.warps, c.stages
+    return _JIT[base], GA_SIGNATURES[base], constexprs, c.warps, c.stages
 
 
 @dataclass

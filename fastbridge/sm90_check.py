@@ -108,71 +108,78 @@ def adapter_block_configs(arch: int = 90):
                    K._adapter_bwd_weights_kernel, w_sig, w_c, warps_w)
 
 
+def _i32(*names):
+    return {n: "i32" for n in names}
+
+
+_P, _F = "*bf16", "*fp32"
+# Launch signatures of the gated-attention kernels in bf16 (kernels/gated_attention.py), by kernel; also
+# used by benchmarks/sweep_tiles.py to compile other launch configurations of the same kernels.
+GA_SIGNATURES = {
+    "fwd": dict(Q=_P, K=_P, V=_P, PK=_P, PV=_P, G=_F, KPM="*u8", OUT=_P, LSE_M=_F, LSE_P=_F,
+                **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "spkb", "spkh", "spkn",
+                       "spvb", "spvh", "spvn", "sob", "soh", "som", "H", "GROUP", "Lq", "Lk", "P", "D"),
+                qk_scale="fp32"),
+    "fwd_split": dict(Q=_P, K=_P, V=_P, KPM="*u8", ACC_PART=_F, ML_PART=_F,
+                      **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "H", "GROUP", "Lq",
+                             "Lk", "D", "keys_per_split"), qk_scale="fp32"),
+    "fwd_combine": dict(Q=_P, PK=_P, PV=_P, G=_F, ACC_PART=_F, ML_PART=_F, OUT=_P, LSE_M=_F, LSE_P=_F,
+                        **_i32("sqb", "sqh", "sqm", "spkb", "spkh", "spkn", "spvb", "spvh", "spvn", "sob", "soh",
+                               "som", "H", "GROUP", "Lq", "P", "D", "n_splits"), qk_scale="fp32"),
+    "pre": dict(Q=_P, PK=_P, PV=_P, G=_F, OUT=_P, DO=_P, LSE_P=_F, DELTA_M=_F, DELTA_P=_F, DG_PART=_F,
+                DPK_PART=_F, DPV_PART=_F,
+                **_i32("sqb", "sqh", "sqm", "spkb", "spkh", "spkn", "spvb", "spvh", "spvn", "sob", "soh", "som",
+                       "sdb", "sdh", "sdm", "H", "Lq", "P", "D", "rows_per_prog"), qk_scale="fp32"),
+    "dkdv": dict(Q=_P, K=_P, V=_P, DO=_P, KPM="*u8", LSE_M=_F, DELTA_M=_F, DK=_P, DV=_P, DQ_ACC=_F,
+                 **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sdb", "sdh", "sdm",
+                        "sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn", "H", "Hkv", "Lq", "Lk", "D"),
+                 qk_scale="fp32"),
+    "dq": dict(Q=_P, K=_P, V=_P, PK=_P, PV=_P, G=_F, DO=_P, KPM="*u8", LSE_M=_F, LSE_P=_F, DELTA_M=_F,
+               DELTA_P=_F, DQ=_P, DQ_ACC=_F,
+               **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "spkb", "spkh", "spkn",
+                      "spvb", "spvh", "spvn", "sdb", "sdh", "sdm", "sdqb", "sdqh", "sdqm", "H", "GROUP", "Lq",
+                      "Lk", "P", "D"), qk_scale="fp32"),
+}
+
+
 def gated_attention_configs(arch: int = 90):
     """Every (kernel, config) the gated_attention launchers pick, bf16, per supported head dim."""
     from fastbridge.kernels import gated_attention as K
 
-    p, f = "*bf16", "*fp32"
-    i32 = "i32"
-
-    def strides(*names):
-        return {n: i32 for n in names}
-
+    S = GA_SIGNATURES
     for D in (16, 32, 64, 128, 256):
         bd = K.pow2_at_least(D)
         bp = K._prefix_block(10)
         for Lq in (4096, 1):
             bm, bn, warps, stages = K.fwd_config(D, Lq)
-            sig = dict(Q=p, K=p, V=p, PK=p, PV=p, G=f, KPM="*u8", OUT=p, LSE_M=f, LSE_P=f,
-                       **strides("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "spkb", "spkh",
-                                 "spkn", "spvb", "spvh", "spvn", "sob", "soh", "som", "H", "GROUP", "Lq", "Lk", "P",
-                                 "D"), qk_scale="fp32")
             c = dict(CAUSAL=True, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee")
-            yield ("gated_attn_fwd", f"D={D} Lq={Lq} BM={bm} BN={bn} warps={warps}", K._gated_attn_fwd_kernel, sig,
-                   c, warps, stages)
+            yield ("gated_attn_fwd", f"D={D} Lq={Lq} BM={bm} BN={bn} warps={warps}", K._gated_attn_fwd_kernel,
+                   S["fwd"], c, warps, stages)
         bm, bn, warps, stages = K.fwd_config(D, 1)  # decode: split-K + combine
-        sig = dict(Q=p, K=p, V=p, KPM="*u8", ACC_PART=f, ML_PART=f,
-                   **strides("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "H", "GROUP", "Lq", "Lk",
-                             "D", "keys_per_split"), qk_scale="fp32")
         c = dict(CAUSAL=True, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC="ieee")
-        yield ("gated_attn_fwd_split", f"D={D} BM={bm} BN={bn} warps={warps}", K._gated_attn_fwd_split_kernel, sig,
-               c, warps, stages)
-        sig = dict(Q=p, PK=p, PV=p, G=f, ACC_PART=f, ML_PART=f, OUT=p, LSE_M=f, LSE_P=f,
-                   **strides("sqb", "sqh", "sqm", "spkb", "spkh", "spkn", "spvb", "spvh", "spvn", "sob", "soh", "som",
-                             "H", "GROUP", "Lq", "P", "D", "n_splits"), qk_scale="fp32")
+        yield ("gated_attn_fwd_split", f"D={D} BM={bm} BN={bn} warps={warps}", K._gated_attn_fwd_split_kernel,
+               S["fwd_split"], c, warps, stages)
         c = dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee")
         cw = K.combine_warps(bm, D)
-        yield ("gated_attn_fwd_combine", f"D={D} BM={bm} warps={cw}", K._gated_attn_fwd_combine_kernel, sig, c, cw,
-               1)
+        yield ("gated_attn_fwd_combine", f"D={D} BM={bm} warps={cw}", K._gated_attn_fwd_combine_kernel,
+               S["fwd_combine"], c, cw, 1)
         bcfg = K.bwd_config(D)
         bm, bn, warps, stages = bcfg["pre"]
-        cfg = f"D={D} BM={bm} warps={warps}"
-        sig = dict(Q=p, PK=p, PV=p, G=f, OUT=p, DO=p, LSE_P=f, DELTA_M=f, DELTA_P=f, DG_PART=f, DPK_PART=f,
-                   DPV_PART=f, **strides("sqb", "sqh", "sqm", "spkb", "spkh", "spkn", "spvb", "spvh", "spvn", "sob",
-                                         "soh", "som", "sdb", "sdh", "sdm", "H", "Lq", "P", "D", "rows_per_prog"),
-                   qk_scale="fp32")
         c = dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee", GROUP=4)
-        yield ("gated_attn_bwd_pre", cfg, K._gated_attn_bwd_pre_kernel, sig, c, warps, stages)
+        yield ("gated_attn_bwd_pre", f"D={D} BM={bm} warps={warps}", K._gated_attn_bwd_pre_kernel, S["pre"], c,
+               warps, stages)
         bm, bn, warps, stages = bcfg["dkdv"]
-        sig = dict(Q=p, K=p, V=p, DO=p, KPM="*u8", LSE_M=f, DELTA_M=f, DK=p, DV=p, DQ_ACC=f,
-                   **strides("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sdb", "sdh", "sdm",
-                             "sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn", "H", "Hkv", "Lq", "Lk", "D"),
-                   qk_scale="fp32")
         for atomic in (False, True):  # FASTBRIDGE_GA_DQ: separate / atomic
             c = dict(GROUP=4, CAUSAL=True, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC="ieee",
                      ATOMIC_DQ=atomic)
             yield ("gated_attn_bwd_dkdv" + ("_atomic" if atomic else ""), f"D={D} BM={bm} BN={bn} warps={warps}",
-                   K._gated_attn_bwd_dkdv_kernel, sig, c, warps, stages)
+                   K._gated_attn_bwd_dkdv_kernel, S["dkdv"], c, warps, stages)
         bm, bn, warps, stages = bcfg["dq"]
-        sig = dict(Q=p, K=p, V=p, PK=p, PV=p, G=f, DO=p, KPM="*u8", LSE_M=f, LSE_P=f, DELTA_M=f, DELTA_P=f, DQ=p,
-                   DQ_ACC=f, **strides("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "spkb", "spkh",
-                                       "spkn", "spvb", "spvh", "spvn", "sdb", "sdh", "sdm", "sdqb", "sdqh", "sdqm",
-                                       "H", "GROUP", "Lq", "Lk", "P", "D"), qk_scale="fp32")
         for from_acc in (False, True):
             c = dict(CAUSAL=True, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee",
                      MAIN_FROM_ACC=from_acc)
             yield ("gated_attn_bwd_dq" + ("_acc" if from_acc else ""), f"D={D} BM={bm} BN={bn} warps={warps}",
-                   K._gated_attn_bwd_dq_kernel, sig, c, warps, stages)
+                   K._gated_attn_bwd_dq_kernel, S["dq"], c, warps, stages)
 
 
 def all_configs(arch: int = 90):
