@@ -13,11 +13,24 @@
 //   dropout mask replayed from rng).
 // qformer_dropout_keep: the keep mask (B, H, Lq, Lk) the kernels apply for rng (tests, debugging).
 // qformer_cpu_isa: the CPU kernel instance in use (0 baseline, 1 AVX2, 2 AVX-512).
+// qformer_cuda_smem_bytes: dynamic shared memory per block of the smallest CUDA launch for dtype and
+//   head dim D (forward: 32-row tiles; backward), -1 where no CUDA kernel exists for them. Known in every
+//   build (qformer_cuda_layout.h), so the Python op can check a device's limit before it launches.
+#include <c10/core/ScalarType.h>
 #include <torch/library.h>
+
+#include "qformer_cuda_layout.h"
 
 namespace fastbridge {
 int64_t qformer_cpu_isa();
+
+int64_t qformer_cuda_smem_bytes(c10::ScalarType dtype, int64_t D, bool backward) {
+  const bool half = dtype == c10::ScalarType::Half || dtype == c10::ScalarType::BFloat16;
+  if (!half && dtype != c10::ScalarType::Float) return -1;
+  if (!half && D == 128) return -1;  // fp32 at D = 128 is not built (it would not fit an A100)
+  return cuda_layout::smem_bytes(half ? 2 : 4, D, backward ? 0 : cuda_layout::kFwdWarpsSmall);
 }
+}  // namespace fastbridge
 
 TORCH_LIBRARY(fastbridge, m) {
   m.set_python_module("fastbridge.ops.qformer_cross_attention");
@@ -30,4 +43,5 @@ TORCH_LIBRARY(fastbridge, m) {
       "Tensor dv)");
   m.def("qformer_dropout_keep(Tensor like, Tensor rng, int Lk, float dropout_p) -> Tensor");
   m.def("qformer_cpu_isa() -> int", &fastbridge::qformer_cpu_isa);
+  m.def("qformer_cuda_smem_bytes(ScalarType dtype, int D, bool backward) -> int", &fastbridge::qformer_cuda_smem_bytes);
 }

@@ -35,6 +35,7 @@
 #include <type_traits>
 
 #include "philox.h"
+#include "qformer_cuda_layout.h"
 #include "qformer_host.h"
 
 namespace fastbridge {
@@ -44,9 +45,9 @@ using namespace nvcuda;
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-constexpr int kBN = 64;   // keys per tile
-constexpr int kBMQ = 32;  // query rows per backward tile
-constexpr int kBwdWarps = 4;
+using cuda_layout::kBMQ;
+using cuda_layout::kBN;
+using cuda_layout::kBwdWarps;
 
 // --------------------------------------------------------------------------------------- types
 template <typename T>
@@ -141,28 +142,11 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int 
   }
 }
 
-__host__ __device__ constexpr size_t align128c(size_t x) { return (x + 127) / 128 * 128; }
-
 // ------------------------------------------------------------------------------------- forward
+// Shared-memory layouts: qformer_cuda_layout.h (also read by the host's fit check, ops.cpp).
 template <typename T, int D, int NW>
-struct FwdSmem {
-  static constexpr int BM = 16 * NW;
-  static constexpr int LDT = D + Elem<T>::PAD;     // Q, K, V tiles
-  static constexpr int LDS = kBN + 4;              // fp32 scores
-  static constexpr int LDP = kBN + Elem<T>::PAD;   // probabilities (T)
-  static constexpr int LDO = D + 4;                // fp32 output accumulator
-  static constexpr size_t q = 0;
-  static constexpr size_t k = q + align128c(sizeof(T) * BM * LDT);
-  static constexpr size_t v = k + align128c(sizeof(T) * kBN * LDT);
-  static constexpr size_t s = v + align128c(sizeof(T) * kBN * LDT);
-  static constexpr size_t pr = s + align128c(sizeof(float) * BM * LDS);
-  static constexpr size_t o = pr + align128c(sizeof(T) * BM * LDP);
-  static constexpr size_t m = o + align128c(sizeof(float) * BM * LDO);
-  static constexpr size_t l = m + align128c(sizeof(float) * BM);
-  static constexpr size_t a = l + align128c(sizeof(float) * BM);
-  static constexpr size_t kadd = a + align128c(sizeof(float) * BM);
-  static constexpr size_t total = kadd + align128c(sizeof(float) * kBN);
-};
+using FwdSmem = cuda_layout::FwdSmem<sizeof(T), D, NW>;
+static_assert(FwdSmem<__half, 64, 2>::PAD == Elem<__half>::PAD && FwdSmem<float, 64, 2>::PAD == Elem<float>::PAD);
 
 template <typename T, int D, int NW, bool X3>
 __global__ void __launch_bounds__(NW * 32, 1) qf_fwd_kernel(const QfParams p) {
@@ -308,26 +292,7 @@ __global__ void __launch_bounds__(NW * 32, 1) qf_fwd_kernel(const QfParams p) {
 
 // ------------------------------------------------------------------------------------ backward
 template <typename T, int D>
-struct BwdSmem {
-  static constexpr int LDT = D + Elem<T>::PAD;      // K, V, Q, dO tiles
-  static constexpr int LDQ = kBMQ + 4;              // fp32 S^T, dP^T (keys x queries)
-  static constexpr int LDQT = kBMQ + Elem<T>::PAD;  // Pd^T, dS^T (T)
-  static constexpr int LDO = D + 4;                 // fp32 dK / dV accumulators
-  static constexpr size_t k = 0;
-  static constexpr size_t v = k + align128c(sizeof(T) * kBN * LDT);
-  static constexpr size_t q = v + align128c(sizeof(T) * kBN * LDT);
-  static constexpr size_t dout = q + align128c(sizeof(T) * kBMQ * LDT);
-  static constexpr size_t dk = dout + align128c(sizeof(T) * kBMQ * LDT);
-  static constexpr size_t dv = dk + align128c(sizeof(float) * kBN * LDO);
-  static constexpr size_t lse = dv + align128c(sizeof(float) * kBN * LDO);
-  static constexpr size_t delta = lse + align128c(sizeof(float) * kBMQ);
-  static constexpr size_t st = delta + align128c(sizeof(float) * kBMQ);
-  static constexpr size_t dpt = st + align128c(sizeof(float) * kBN * LDQ);
-  static constexpr size_t pdt = dpt + align128c(sizeof(float) * kBN * LDQ);
-  static constexpr size_t dst = pdt + align128c(sizeof(T) * kBN * LDQT);
-  static constexpr size_t kadd = dst + align128c(sizeof(T) * kBN * LDQT);
-  static constexpr size_t total = kadd + align128c(sizeof(float) * kBN);
-};
+using BwdSmem = cuda_layout::BwdSmem<sizeof(T), D>;
 
 template <typename T, int D, bool X3>
 __global__ void __launch_bounds__(kBwdWarps * 32, 1) qf_bwd_kernel(const QfParams p) {
@@ -511,7 +476,8 @@ int max_optin_smem(int device) {
 template <typename Kernel>
 void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, const QfParams& p, int device) {
   TORCH_CHECK(static_cast<int>(smem) <= max_optin_smem(device), "fastbridge::qformer_attn (CUDA): needs ",
-              smem, " bytes of shared memory per block, the device allows ", max_optin_smem(device));
+              smem, " bytes of shared memory per block, the device allows ", max_optin_smem(device),
+              " (fastbridge.ops.qformer_cross_attention checks this first and runs the reference instead)");
   FB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   kernel<<<grid, block, smem, current_stream(device)>>>(p);
   FB_CUDA_CHECK(cudaGetLastError());
@@ -519,14 +485,17 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, const QfParams& p
 
 template <typename T, int D, bool X3>
 void run_fwd(const QfParams& p, int device) {
-  // 2 warps (32 query rows) when the queries fit (Q-Former cross-attention: Lq = 32), else 4 (64 rows).
-  const bool small = p.Lq <= 32;
-  if (small) {
-    using S = FwdSmem<T, D, 2>;
-    launch(qf_fwd_kernel<T, D, 2, X3>, dim3(p.B * p.H, (p.Lq + S::BM - 1) / S::BM), dim3(64), S::total, p, device);
+  // 2 warps (32 query rows) when the queries fit (Q-Former cross-attention: Lq = 32), else 4 (64 rows)
+  // -- unless the 4-warp tile needs more shared memory than the device allows (fp32 on a 99 KB
+  // RTX 30xx / 40xx): then 2-warp tiles, more blocks, the same results.
+  using S2 = FwdSmem<T, D, cuda_layout::kFwdWarpsSmall>;
+  using S4 = FwdSmem<T, D, cuda_layout::kFwdWarpsLarge>;
+  if (p.Lq > S2::BM && static_cast<int>(S4::total) <= max_optin_smem(device)) {
+    launch(qf_fwd_kernel<T, D, cuda_layout::kFwdWarpsLarge, X3>, dim3(p.B * p.H, (p.Lq + S4::BM - 1) / S4::BM),
+           dim3(32 * cuda_layout::kFwdWarpsLarge), S4::total, p, device);
   } else {
-    using S = FwdSmem<T, D, 4>;
-    launch(qf_fwd_kernel<T, D, 4, X3>, dim3(p.B * p.H, (p.Lq + S::BM - 1) / S::BM), dim3(128), S::total, p, device);
+    launch(qf_fwd_kernel<T, D, cuda_layout::kFwdWarpsSmall, X3>, dim3(p.B * p.H, (p.Lq + S2::BM - 1) / S2::BM),
+           dim3(32 * cuda_layout::kFwdWarpsSmall), S2::total, p, device);
   }
 }
 

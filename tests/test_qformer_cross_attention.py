@@ -20,7 +20,7 @@ import fastbridge
 from fastbridge import _backend
 from fastbridge import reference as R
 from fastbridge.ops import qformer_cross_attention
-from fastbridge.ops.qformer_cross_attention import dropout_keep_mask, ensure_loaded, philox_rng
+from fastbridge.ops.qformer_cross_attention import dropout_keep_mask, ensure_loaded, philox_rng, smem_shortfall
 
 from conftest import HAS_CUDA, TOL, assert_close
 
@@ -329,6 +329,39 @@ def test_float64_and_differentiable_mask_run_the_reference():
 def test_reference_backend():
     q, k, v, mask = make_inputs(2, 1, 2, 7, 9, 32, "bool", torch.float32, "cpu")
     check(q, k, v, mask, torch.float32, "reference", backend="reference")
+
+
+# Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) of the GPUs people train on.
+SMEM_RTX = 101376   # sm_86 / sm_89: RTX 3090 / 4090, A6000, L4, L40
+SMEM_A100 = 166912  # sm_80
+SMEM_H100 = 232448  # sm_90
+
+
+def test_cuda_launch_fits_shared_memory_or_falls_back_with_a_reason():
+    """What the CUDA kernels need (csrc/qformer_cuda_layout.h, reported by the extension in every build)
+    against each GPU's limit: BLIP-2's Q-Former (head dim 64) trains in bf16 / fp16 on a 99 KB RTX card;
+    fp32 there, or head dim 128, gets a reason (the op runs the reference, SDPA in the HF integration)
+    instead of a launch error; everything fits an A100 and an H100."""
+    ensure_loaded()
+    needed = torch.ops.fastbridge.qformer_cuda_smem_bytes
+    shortfall = smem_shortfall
+    supported = [(dt, D) for dt in (torch.float16, torch.bfloat16, torch.float32) for D in (32, 64, 128)
+                 if not (dt == torch.float32 and D == 128)]
+    for dt, D in supported:
+        fwd, bwd = needed(dt, D, False), needed(dt, D, True)
+        assert 0 < fwd < bwd, (dt, D, fwd, bwd)
+        for allowed in (SMEM_A100, SMEM_H100):
+            assert shortfall(dt, D, True, allowed, "gpu") is None, (dt, D, allowed)
+        assert shortfall(dt, D, False, SMEM_RTX, "gpu") is None, (dt, D)  # every forward fits an RTX card
+    for dt in (torch.float16, torch.bfloat16):
+        for D in (32, 64):
+            assert shortfall(dt, D, True, SMEM_RTX, "cuda:0") is None, (dt, D)
+    msg = shortfall(torch.float32, 64, True, SMEM_RTX, "cuda:0")
+    assert msg == (f"the CUDA backward kernel needs {needed(torch.float32, 64, True)} bytes of shared memory per "
+                   f"block for torch.float32 at head dim 64; cuda:0 allows {SMEM_RTX}"), msg
+    assert "backward" in shortfall(torch.bfloat16, 128, True, SMEM_RTX, "cuda:0")
+    assert shortfall(torch.float32, 64, True, None, "cuda:0") is None  # limit unknown: the launch checks it
+    assert needed(torch.float32, 128, True) == -1 and needed(torch.float16, 80, False) == -1  # not built
 
 
 def _base():

@@ -78,7 +78,7 @@ def fallback_reason(module, query, key, value, attention_mask, is_causal=None, *
 
     if _backend.current_backend() == "auto":  # "kernel" raises in the op instead; "reference" runs the reference
         mask = None if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask
-        return _kernel_unavailable(query, mask)
+        return _kernel_unavailable(query, mask, key, value)
     return None
 
 

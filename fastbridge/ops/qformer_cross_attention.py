@@ -5,6 +5,7 @@ in csrc/ops.cpp (``TORCH_LIBRARY(fastbridge, m)``):
   fastbridge::qformer_attn_fwd  (q, k, v, key_mask?, bias?, scale, dropout_p, rng?, allow_tf32) -> (out, lse)
   fastbridge::qformer_attn_bwd  its backward (recomputes the probabilities from lse)
   fastbridge::qformer_dropout_keep  the dropout keep mask the kernels apply (tests, debugging)
+  fastbridge::qformer_cuda_smem_bytes  shared memory a CUDA launch needs (checked against the device first)
 This module registers their autograd formula and fake (meta) kernels, so dispatch modes, profilers,
 ``torch.library.opcheck`` and ``torch.compile(fullgraph=True)`` see the op by name. The "reference"
 backend calls fastbridge.reference.qformer_cross_attention with ordinary autograd, outside the op.
@@ -137,7 +138,36 @@ def _allow_tf32() -> bool:
     return torch.get_float32_matmul_precision() != "highest"
 
 
-def _kernel_unavailable(q: Tensor, attn_mask: Optional[Tensor]) -> Optional[str]:
+@torch.compiler.assume_constant_result
+def _cuda_smem_needed(dtype: torch.dtype, D: int, backward: bool) -> int:
+    """Bytes of shared memory per block of the smallest CUDA launch (csrc/qformer_cuda_layout.h)."""
+    return int(torch.ops.fastbridge.qformer_cuda_smem_bytes(dtype, D, backward))
+
+
+@torch.compiler.assume_constant_result
+def _cuda_smem_allowed(index: int) -> Optional[int]:
+    """The device's opt-in shared memory per block (None where torch does not report it)."""
+    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+
+
+def smem_shortfall(dtype: torch.dtype, D: int, backward: bool, allowed: Optional[int], device: str) -> Optional[str]:
+    """Why the CUDA kernels cannot launch for dtype / head dim D on a device allowing ``allowed`` bytes of
+    shared memory per block (an RTX 30xx / 40xx: 99 KB; A100: 163 KB; H100: 227 KB), or None."""
+    if allowed is None:
+        return None
+    for bwd in (False, True) if backward else (False,):
+        needed = _cuda_smem_needed(dtype, D, bwd)
+        if needed > allowed:
+            kind = "backward" if bwd else "forward"
+            return (f"the CUDA {kind} kernel needs {needed} bytes of shared memory per block for {dtype} at head dim "
+                    f"{D}; {device} allows {allowed}")
+    return None
+
+
+def _kernel_unavailable(q: Tensor, attn_mask: Optional[Tensor], k: Optional[Tensor] = None,
+                        v: Optional[Tensor] = None) -> Optional[str]:
+    """Why the C++/CUDA kernels cannot serve this call (None: they can). ``k`` / ``v`` tell whether a
+    backward will follow (any input requiring grad), whose kernel needs more shared memory."""
     if q.dtype == torch.float64:
         return "the C++/CUDA kernels compute in fp32 / fp16 / bf16, not float64"
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad and torch.is_grad_enabled():
@@ -157,6 +187,9 @@ def _kernel_unavailable(q: Tensor, attn_mask: Optional[Tensor]) -> Optional[str]
         D = q.shape[-1]
         if D not in CUDA_HEAD_DIMS or (D == 128 and q.dtype == torch.float32):
             return f"the CUDA kernels support head dims 32, 64 (and 128 in bf16 / fp16), got {D} in {q.dtype}"
+        backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        return smem_shortfall(q.dtype, D, backward, _cuda_smem_allowed(index), str(q.device))
     return None
 
 
@@ -228,7 +261,7 @@ def qformer_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optio
     scale = D ** -0.5 if scale is None else float(scale)
     dropout_p = float(dropout_p)
     if _backend.current_backend() == "reference" or \
-            _backend.select(OP, q.device, _kernel_unavailable(q, attn_mask)) == "reference":
+            _backend.select(OP, q.device, _kernel_unavailable(q, attn_mask, k, v)) == "reference":
         return ref.qformer_cross_attention(q, k, v, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p,
                                            generator=generator)
     key_mask = bias = None
