@@ -7,9 +7,11 @@
 //   q (B or 1, H, Lq, D), k, v (B, H, Lk, D), key_mask bool (B, Lk) (true = attend), bias float
 //   broadcastable to (B, H, Lq, Lk) (additive), rng int64 CPU [seed, offset] (Philox, csrc/philox.h)
 //   when dropout_p > 0, allow_tf32: fp32 on CUDA with one TF32 product instead of 3xTF32.
-//   Returns out (B, H, Lq, D) and the log-sum-exp lse (B, H, Lq) float32 (+inf for a row that sees
-//   no key; its output is 0).
-// qformer_attn_bwd: (dq, dk, dv) from the saved out and lse (the probabilities are recomputed and the
+//   Returns out (B, H, Lq, D) and the softmax statistics stats (B, H, Lq, 2) float32: per query row
+//   the max m of the scaled, masked scores and log l, l = sum exp(s - m) (m = +inf for a row that sees
+//   no key; its output is 0). Two numbers, not lse = m + log l, which rounds to m under a huge finite
+//   mask (qformer_params.h).
+// qformer_attn_bwd: (dq, dk, dv) from the saved out and stats (the probabilities are recomputed and the
 //   dropout mask replayed from rng).
 // qformer_dropout_keep: the keep mask (B, H, Lq, Lk) the kernels apply for rng (tests, debugging).
 // qformer_cpu_isa: the CPU kernel instance in use (0 baseline, 1 AVX2, 2 AVX-512).
@@ -36,9 +38,9 @@ TORCH_LIBRARY(fastbridge, m) {
   m.set_python_module("fastbridge.ops.qformer_cross_attention");
   m.def(
       "qformer_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? bias, float scale, "
-      "float dropout_p, Tensor? rng, bool allow_tf32) -> (Tensor out, Tensor lse)");
+      "float dropout_p, Tensor? rng, bool allow_tf32) -> (Tensor out, Tensor stats)");
   m.def(
-      "qformer_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_mask, "
+      "qformer_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor stats, Tensor? key_mask, "
       "Tensor? bias, float scale, float dropout_p, Tensor? rng, bool allow_tf32) -> (Tensor dq, Tensor dk, "
       "Tensor dv)");
   m.def("qformer_dropout_keep(Tensor like, Tensor rng, int Lk, float dropout_p) -> Tensor");

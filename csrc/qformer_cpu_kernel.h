@@ -258,7 +258,7 @@ FB_INLINE const float* operand(ElemType dt, const void* base, int64_t rows, int6
 
 // ------------------------------------------------------------------------------------ key helpers
 // Scores are handled key-major (S^T: one row per key, queries along the vector lanes), so K and V
-// are GEMM operands as they are stored, and per-query statistics (max, sum, lse, delta) are vectors.
+// are GEMM operands as they are stored, and per-query statistics (max, sum, log sum, delta) are vectors.
 
 // 0 for a visible key j < Lk, -inf for a masked key.
 FB_INLINE float key_add(const QfParams& p, int64_t b, int64_t j) {
@@ -352,7 +352,7 @@ FB_INLINE void prefetch_rows(ElemType dt, const void* base, int64_t r0, int64_t 
 
 // ------------------------------------------------------------------------------------------ forward
 // Per (b, h): S^T = K Q^T (Lk x Lq, whole rows: Lk up to a few thousand), scale / masks, per-query
-// max, exp and sum as vectors, the dropout mask, O = P V, out = O / l, lse = max + log(l).
+// max, exp and sum as vectors, the dropout mask, O = P V, out = O / l, stats = (max, log l).
 void qformer_fwd_range(const QfParams& p, int64_t begin, int64_t end, float* ws) {
   const cpu_layout::Layout L = cpu_layout::make_layout(p, false);
   const int64_t Lq = p.Lq, Lk = p.Lk, D = p.D, DP = L.DP, LqP = L.LqP;
@@ -409,10 +409,11 @@ void qformer_fwd_range(const QfParams& p, int64_t begin, int64_t end, float* ws)
       prefetch_rows(p.dtype, at(p.v, p.dtype, b2 * p.sv.b + h2 * p.sv.h), 0, Lk, p.sv.l, D);
     }
     gemm<true>(Lq, DP, Lk, ST, LqP, V, ldv, O, DP, false);  // O = P V (unnormalised, dropout applied)
-    float* lse = p.lse + bh * Lq;
+    float* stats = p.stats + bh * Lq * 2;
     for (int64_t i = 0; i < Lq; ++i) {
       const float l = sm[i];
-      lse[i] = l > 0.f ? mx[i] + __builtin_logf(l) : kPosInf;
+      stats[2 * i] = l > 0.f ? mx[i] : kPosInf;
+      stats[2 * i + 1] = l > 0.f ? __builtin_logf(l) : 0.f;
       store_row(p.dtype, O + i * DP, D, l > 0.f ? 1.f / l : 0.f, at_mut(p.out, p.dtype, (bh * Lq + i) * D));
     }
   }
@@ -420,7 +421,7 @@ void qformer_fwd_range(const QfParams& p, int64_t begin, int64_t end, float* ws)
 
 // ----------------------------------------------------------------------------------------- backward
 // dS = P o (dP - delta), delta_i = sum_d dO_id O_id; dV = Pd^T dO, dK = scale dS^T Q, dQ = scale dS K,
-// where P = exp(S - lse) is recomputed and Pd / dP carry the replayed dropout mask. Key blocks of KB
+// where P = exp((S - m) - log l) is recomputed and Pd / dP carry the replayed dropout mask. Key blocks of KB
 // (their scores and gradients stay in L1/L2), all key-major: S^T = K Q^T, dPd^T = V dO^T, then
 // dV = Pd^T dO, dK = dS^T Q and dQ += (dS^T)^T K are GEMMs on the blocks as they are.
 void qformer_bwd_range(const QfParams& p, int64_t begin, int64_t end, float* ws) {
@@ -430,7 +431,8 @@ void qformer_bwd_range(const QfParams& p, int64_t begin, int64_t end, float* ws)
   float* Qt = ws + L.qt;    // D x LqP
   float* dO = ws + L.dO;    // Lq x DP
   float* dOt = ws + L.dOt;  // D x LqP
-  float* lse = ws + L.m;    // LqP (+inf padding)
+  float* mrow = ws + L.m;   // LqP: row max (+inf padding)
+  float* logl = ws + L.ll;  // LqP: log of the row sum (0 padding)
   float* delta = ws + L.l;  // LqP (0 padding)
   float* dQ = ws + L.dq;    // Lq x DP (accumulated over key blocks)
   float* Kb = ws + L.kf;    // KB x DP (converted K block, when needed)
@@ -456,7 +458,8 @@ void qformer_bwd_range(const QfParams& p, int64_t begin, int64_t end, float* ws)
         for (int64_t d = 0; d < D; ++d) acc += orow[d] * dO[i * DP + d];
       }
       delta[i] = acc;
-      lse[i] = i < Lq ? p.lse[bh * Lq + i] : kPosInf;  // +inf: P = exp(-inf) = 0
+      mrow[i] = i < Lq ? p.stats[(bh * Lq + i) * 2] : kPosInf;  // +inf: P = exp(-inf) = 0
+      logl[i] = i < Lq ? p.stats[(bh * Lq + i) * 2 + 1] : 0.f;
     }
     zero(dQ, Lq * DP);
     const void* kbase = at(p.k, p.dtype, b * p.sk.b + h * p.sk.h);
@@ -481,7 +484,7 @@ void qformer_bwd_range(const QfParams& p, int64_t begin, int64_t end, float* ws)
         scores_keyrow(p, b, h, j0 + jj, LqP, st);
         for (int64_t c = 0; c < nvq; ++c) {
           const int64_t i = c * VL;
-          const vf pr = vexp(vload(st + i) - vload(lse + i));
+          const vf pr = vexp((vload(st + i) - vload(mrow + i)) - vload(logl + i));
           vf pd = pr, dpv = vload(dpt + i);
           if (dropout) {
             vf kv = vload(kp + i);

@@ -19,7 +19,7 @@ static const int64_t kBwdKeyBlock = 128;
 
 struct Layout {
   int64_t DP, LqP, KB;  // padded D and Lq (multiples of kPad: GEMM N dimensions), backward key block
-  int64_t qt, kf, vf, st, keep, o, m, l, dq;  // forward: whole key range (Lk up to a few thousand)
+  int64_t qt, kf, vf, st, keep, o, m, l, ll, dq;  // forward: whole key range (Lk up to a few thousand)
   int64_t q, dO, dOt, dpt, dk, dv;            // backward: key blocks of KB (the buffers above sized KB)
   int64_t total;                              // floats per thread
 };
@@ -46,6 +46,7 @@ static inline Layout make_layout(const QfParams& p, bool bwd) {
     L.o = take(L.LqP * L.DP);
     L.m = take(L.LqP);
     L.l = take(L.LqP);
+    L.ll = take(L.LqP);
     L.dq = take(L.LqP * L.DP);
     if (bwd) {
       L.q = take(L.LqP * L.DP);

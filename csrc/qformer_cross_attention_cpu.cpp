@@ -96,22 +96,22 @@ std::tuple<at::Tensor, at::Tensor> qformer_attn_fwd_cpu(const at::Tensor& q, con
   QfParams p;
   QfInputs in = prepare(p, q, k, v, key_mask, bias, scale, dropout_p, rng);
   at::Tensor out = new_output({p.B, p.H, p.Lq, p.D}, q.options());
-  at::Tensor lse = new_output({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
+  at::Tensor stats = new_output({p.B, p.H, p.Lq, 2}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  if (out.numel() == 0) return {out, lse};
+  p.stats = stats.data_ptr<float>();
+  if (out.numel() == 0) return {out, stats};
   const cpu_layout::Layout L = cpu_layout::make_layout(p, /*bwd=*/false);
   const CpuIsa isa = active_isa();
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
     auto ws = workspace(L.total);
     run_fwd(isa, p, begin, end, ws.get());
   });
-  return {out, lse};
+  return {out, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qformer_attn_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& bias,
+    const at::Tensor& stats, const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& bias,
     double scale, double dropout_p, const std::optional<at::Tensor>& rng, bool /*allow_tf32*/) {
   check_cpu(q, "q");
   QfParams p;
@@ -120,15 +120,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qformer_attn_bwd_cpu(
               "fastbridge::qformer_attn_bwd: dout and out must be (B, H, Lq, D)");
   TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
               "fastbridge::qformer_attn_bwd: dout and out must have q's dtype");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({p.B, p.H, p.Lq}),
-              "fastbridge::qformer_attn_bwd: lse must be float32 (B, H, Lq)");
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.sizes() == at::IntArrayRef({p.B, p.H, p.Lq, 2}),
+              "fastbridge::qformer_attn_bwd: stats must be float32 (B, H, Lq, 2), as the forward returns it");
   const at::Tensor dout_c = unit_last_stride(dout);
   const at::Tensor out_c = out.contiguous();
-  const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor stats_c = stats.contiguous();
   p.dout = dout_c.data_ptr();
   p.sdo = strides3(dout_c);
   p.out = const_cast<void*>(out_c.data_ptr());
-  p.lse = const_cast<float*>(lse_c.data_ptr<float>());
+  p.stats = const_cast<float*>(stats_c.data_ptr<float>());
   const bool q_broadcast = q.size(0) != p.B;
   at::Tensor dq = grad_like(q);
   at::Tensor dk = grad_like(k);

@@ -9,10 +9,11 @@
 //    (scores / max in natural units, exp2 of (s - max) log2 e, per-row sum, O rescaled in shared
 //    memory), masks, inverted dropout from Philox (philox.h: one draw per 4 keys of a row, the same
 //    stream as the CPU kernel), fp32 accumulation.
-//    Saves lse (natural log; +inf for a row that sees no key) -- never the probabilities.
+//    Saves per row the max m and log l (natural units; m = +inf for a row that sees no key) -- never
+//    the probabilities. Not lse = m + log l, which rounds to m under a huge finite mask.
 //  * backward: one block per (batch*head), 4 warps; key blocks of 64 (warp w owns 16 keys) in an
 //    outer loop, query tiles of 32 rows in an inner loop. Per tile: S^T = K Q^T and dPd^T = V dO^T
-//    (WMMA), P = exp2((S - lse) log2 e) recomputed, the dropout mask replayed, dS = P (dP - delta);
+//    (WMMA), P = exp2(((S - m) - log l) log2 e) recomputed, the dropout mask replayed, dS = P (dP - delta);
 //    dV += Pd^T dO and dK += dS^T Q accumulate in fp32 shared memory for the key block;
 //    dQ += dS K goes to an fp32 buffer this block owns alone (no atomics: deterministic). delta =
 //    rowsum(dO o O) is computed by the block first. dq (and its sum over the batch for a broadcast
@@ -169,7 +170,7 @@ __global__ void __launch_bounds__(NW * 32, 1) qf_fwd_kernel(const QfParams p) {
   const int64_t b = bh / p.H, h = bh % p.H;
   const int q0 = blockIdx.y * BM;
   const int Lq = static_cast<int>(p.Lq), Lk = static_cast<int>(p.Lk);
-  // Scores, row max and lse stay in natural units (as the CPU kernel): an additive mask of finfo.min
+  // Scores, row max and log-sum stay in natural units (as the CPU kernel): an additive mask of finfo.min
   // (HF's eager masks) times log2(e) would overflow to -inf and empty a row the CPU kernel and the
   // reference average over. Differences to the max are taken to log2 units: exp2((s - m) log2 e).
   const bool dropout = p.dropout_p > 0.f;
@@ -285,7 +286,9 @@ __global__ void __launch_bounds__(NW * 32, 1) qf_fwd_kernel(const QfParams p) {
     const int r = r0 + lane, i = q0 + r;
     if (i < Lq) {
       const float l = lrow[r];
-      p.lse[bh * p.Lq + i] = l > 0.f ? mrow[r] + log2f(l) * kLn2 : INFINITY;
+      float* st = p.stats + (bh * p.Lq + i) * 2;
+      st[0] = l > 0.f ? mrow[r] : INFINITY;
+      st[1] = l > 0.f ? log2f(l) * kLn2 : 0.f;
     }
   }
 }
@@ -305,7 +308,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1) qf_bwd_kernel(const QfParam
   T* dOs = reinterpret_cast<T*>(smem + S::dout);
   float* dKs = reinterpret_cast<float*>(smem + S::dk);  // fp32 accumulators of the key block
   float* dVs = reinterpret_cast<float*>(smem + S::dv);
-  float* lse_s = reinterpret_cast<float*>(smem + S::lse);
+  float* m_s = reinterpret_cast<float*>(smem + S::stats);  // row max, then log l (kBMQ each)
+  float* logl_s = m_s + kBMQ;
   float* delta_s = reinterpret_cast<float*>(smem + S::delta);
   float* St = reinterpret_cast<float*>(smem + S::st);
   float* dPt = reinterpret_cast<float*>(smem + S::dpt);
@@ -318,7 +322,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1) qf_bwd_kernel(const QfParam
   const int64_t b = bh / p.H, h = bh % p.H;
   const int Lq = static_cast<int>(p.Lq), Lk = static_cast<int>(p.Lk);
   const int LqP = (Lq + kBMQ - 1) / kBMQ * kBMQ;
-  const bool dropout = p.dropout_p > 0.f;  // scores and lse in natural units, as the forward
+  const bool dropout = p.dropout_p > 0.f;  // scores and stats in natural units, as the forward
   const T* qg = static_cast<const T*>(p.q) + b * p.sq.b + h * p.sq.h;
   const T* dog = static_cast<const T*>(p.dout) + b * p.sdo.b + h * p.sdo.h;
   const T* og = static_cast<const T*>(p.out) + bh * p.Lq * D;
@@ -360,7 +364,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1) qf_bwd_kernel(const QfParam
       load_tile<T, D, LDT>(dOs, dog + q0 * p.sdo.l, p.sdo.l, kBMQ, qvalid, tid, nthreads);
       for (int c = tid; c < kBMQ; c += nthreads) {
         const int i = q0 + c;
-        lse_s[c] = i < Lq ? p.lse[bh * p.Lq + i] : INFINITY;  // +inf: P = exp2(-inf) = 0
+        m_s[c] = i < Lq ? p.stats[(bh * p.Lq + i) * 2] : INFINITY;  // +inf: P = exp2(-inf) = 0
+        logl_s[c] = i < Lq ? p.stats[(bh * p.Lq + i) * 2 + 1] : 0.f;
         delta_s[c] = i < Lq ? delta[i] : 0.f;
       }
       __syncthreads();
@@ -401,7 +406,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1) qf_bwd_kernel(const QfParam
             const int kr = kl + t, j = k0 + kr;
             float s = St[kr * LDQ + c] * p.scale + kadd[kr];
             if (p.bias && i < Lq && j < Lk) s += p.bias[b * p.bs_b + h * p.bs_h + i * p.bs_q + j * p.bs_k];
-            const float pr = exp2f((s - lse_s[c]) * kLog2e);
+            const float pr = exp2f(((s - m_s[c]) - logl_s[c]) * kLog2e);
             const float pd = pr * keep[t];
             const float dp = dPt[kr * LDQ + c] * keep[t];
             Pdt[kr * LDQT + c] = Elem<T>::from_f(pd);
@@ -570,16 +575,16 @@ std::tuple<at::Tensor, at::Tensor> qformer_attn_fwd_cuda(const at::Tensor& q_, c
   QfInputs in = prepare(p, q, k, v, key_mask, bias, scale, dropout_p, rng);
   p.allow_tf32 = allow_tf32;
   at::Tensor out = new_output({p.B, p.H, p.Lq, p.D}, q.options());
-  at::Tensor lse = new_output({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
+  at::Tensor stats = new_output({p.B, p.H, p.Lq, 2}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
+  p.stats = stats.data_ptr<float>();
   if (out.numel() > 0) dispatch<false>(p, q.get_device());
-  return {out, lse};
+  return {out, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qformer_attn_bwd_cuda(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_mask,
+    const at::Tensor& out, const at::Tensor& stats, const std::optional<at::Tensor>& key_mask,
     const std::optional<at::Tensor>& bias, double scale, double dropout_p, const std::optional<at::Tensor>& rng,
     bool allow_tf32) {
   check_cuda_inputs(q_, k_);
@@ -592,17 +597,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qformer_attn_bwd_cuda(
               "fastbridge::qformer_attn_bwd: dout and out must be (B, H, Lq, D)");
   TORCH_CHECK(dout_.scalar_type() == q_.scalar_type() && out.scalar_type() == q_.scalar_type(),
               "fastbridge::qformer_attn_bwd: dout and out must have q's dtype");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({p.B, p.H, p.Lq}),
-              "fastbridge::qformer_attn_bwd: lse must be float32 (B, H, Lq)");
-  TORCH_CHECK(dout_.device() == q_.device() && out.device() == q_.device() && lse.device() == q_.device(),
-              "fastbridge::qformer_attn_bwd: dout, out and lse must be on q's device");
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.sizes() == at::IntArrayRef({p.B, p.H, p.Lq, 2}),
+              "fastbridge::qformer_attn_bwd: stats must be float32 (B, H, Lq, 2), as the forward returns it");
+  TORCH_CHECK(dout_.device() == q_.device() && out.device() == q_.device() && stats.device() == q_.device(),
+              "fastbridge::qformer_attn_bwd: dout, out and stats must be on q's device");
   const at::Tensor dout = vec_aligned(dout_);
   const at::Tensor out_c = out.contiguous();
-  const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor stats_c = stats.contiguous();
   p.dout = dout.data_ptr();
   p.sdo = strides3(dout);
   p.out = const_cast<void*>(out_c.data_ptr());
-  p.lse = const_cast<float*>(lse_c.data_ptr<float>());
+  p.stats = const_cast<float*>(stats_c.data_ptr<float>());
   const int64_t LqP = (p.Lq + kBMQ - 1) / kBMQ * kBMQ;
   at::Tensor dq_acc = at::zeros({p.B, p.H, LqP, p.D}, q.options().dtype(at::kFloat));
   at::Tensor delta = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));

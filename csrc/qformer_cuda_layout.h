@@ -55,8 +55,8 @@ struct BwdSmem {
   static constexpr size_t dout = q + align128c(size_t(ES) * kBMQ * LDT);
   static constexpr size_t dk = dout + align128c(size_t(ES) * kBMQ * LDT);
   static constexpr size_t dv = dk + align128c(sizeof(float) * kBN * LDO);
-  static constexpr size_t lse = dv + align128c(sizeof(float) * kBN * LDO);
-  static constexpr size_t delta = lse + align128c(sizeof(float) * kBMQ);
+  static constexpr size_t stats = dv + align128c(sizeof(float) * kBN * LDO);  // m then log l (kBMQ each)
+  static constexpr size_t delta = stats + align128c(sizeof(float) * 2 * kBMQ);
   static constexpr size_t st = delta + align128c(sizeof(float) * kBMQ);
   static constexpr size_t dpt = st + align128c(sizeof(float) * kBN * LDQ);
   static constexpr size_t pdt = dpt + align128c(sizeof(float) * kBN * LDQ);

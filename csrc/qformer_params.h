@@ -4,8 +4,11 @@
 // Shapes: q (Bq, H, Lq, D) with Bq in {1, B} (Bq = 1: stride 0 over the batch), k, v (B, H, Lk, D);
 // every stride is in elements and the last dimension (D) of q, k, v, out, dout is contiguous.
 // key_mask: bool (B, Lk), true = attend.  bias: float32, broadcast (stride 0) to (B, H, Lq, Lk).
-// out (B, H, Lq, D) contiguous, lse (B, H, Lq) float32 contiguous: natural-log log-sum-exp of the
-// scaled, masked scores of each query row (+inf for a row with no visible key: its output is 0).
+// out (B, H, Lq, D) contiguous; stats (B, H, Lq, 2) float32 contiguous: per query row of the scaled,
+// masked scores the max m and log l, l = sum_j exp(s_j - m) (natural units; m = +inf, log l = 0 for a
+// row with no visible key: its output is 0). Kept apart, not as lse = m + log l: under a huge finite
+// mask (HF's finfo.min at every key of a row) m + log l rounds to m and P = exp(s - lse) would be 1.
+// The backward recomputes P = exp((s - m) - log l).
 #pragma once
 
 #include <stdint.h>
@@ -39,7 +42,7 @@ struct QfParams {
   uint64_t seed, offset;
   // forward outputs / backward inputs
   void* out;  // (B, H, Lq, D) contiguous
-  float* lse;  // (B, H, Lq)
+  float* stats;  // (B, H, Lq, 2): m, log l
   // backward
   const void* dout;
   QfStrides sdo;

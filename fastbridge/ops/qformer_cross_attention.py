@@ -2,8 +2,9 @@
 
 The op is the C++/CUDA extension (csrc/, built on first use by fastbridge/_build.py), whose schemas live
 in csrc/ops.cpp (``TORCH_LIBRARY(fastbridge, m)``):
-  fastbridge::qformer_attn_fwd  (q, k, v, key_mask?, bias?, scale, dropout_p, rng?, allow_tf32) -> (out, lse)
-  fastbridge::qformer_attn_bwd  its backward (recomputes the probabilities from lse)
+  fastbridge::qformer_attn_fwd  (q, k, v, key_mask?, bias?, scale, dropout_p, rng?, allow_tf32) -> (out, stats)
+  fastbridge::qformer_attn_bwd  its backward (recomputes the probabilities from stats: per row the
+    score max m and log l, kept apart so a row masked with finfo.min everywhere keeps exact gradients)
   fastbridge::qformer_dropout_keep  the dropout keep mask the kernels apply (tests, debugging)
   fastbridge::qformer_cuda_smem_bytes  shared memory a CUDA launch needs (checked against the device first)
 This module registers their autograd formula and fake (meta) kernels, so dispatch modes, profilers,
@@ -53,7 +54,7 @@ __all__ = ["qformer_cross_attention", "philox_rng", "dropout_keep_mask"]
 def _fwd_fake(q, k, v, key_mask, bias, scale, dropout_p, rng, allow_tf32):
     B, H, _, D = k.shape
     Lq = q.shape[2]
-    return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
+    return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq, 2), dtype=torch.float32)
 
 
 def _grad_like(t):
@@ -66,7 +67,7 @@ def _grad_like(t):
     return g
 
 
-def _bwd_fake(dout, q, k, v, out, lse, key_mask, bias, scale, dropout_p, rng, allow_tf32):
+def _bwd_fake(dout, q, k, v, out, stats, key_mask, bias, scale, dropout_p, rng, allow_tf32):
     return _grad_like(q), _grad_like(k), _grad_like(v)
 
 
@@ -78,16 +79,16 @@ def _keep_fake(like, rng, Lk, dropout_p):
 # --------------------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
     q, k, v, key_mask, bias, scale, dropout_p, rng, allow_tf32 = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_mask, bias, rng)
+    out, stats = output
+    ctx.save_for_backward(q, k, v, out, stats, key_mask, bias, rng)
     ctx.cfg = (scale, dropout_p, allow_tf32)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(stats)
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, key_mask, bias, rng = ctx.saved_tensors
+def _backward(ctx, dout, _dstats):
+    q, k, v, out, stats, key_mask, bias, rng = ctx.saved_tensors
     scale, dropout_p, allow_tf32 = ctx.cfg
-    dq, dk, dv = torch.ops.fastbridge.qformer_attn_bwd(dout, q, k, v, out, lse, key_mask, bias, scale, dropout_p,
+    dq, dk, dv = torch.ops.fastbridge.qformer_attn_bwd(dout, q, k, v, out, stats, key_mask, bias, scale, dropout_p,
                                                        rng, allow_tf32)
     return dq, dk, dv, None, None, None, None, None, None
 
