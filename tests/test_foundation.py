@@ -38,6 +38,28 @@ def test_kernels_live_in_the_fastbridge_namespace(tmp_path):
     assert origin is not None or hf_kernels is False
 
 
+def test_compile_caches_are_keyed_by_the_op_sources(tmp_path):
+    """torch.compile's on-disk caches key a custom op by name only; fastbridge tags the inductor config
+    (part of every cache key) with a hash of the sources defining its ops, so a graph compiled against
+    other op code (an older fastbridge, an edited kernel) is never reused."""
+    import torch._inductor.config as ic
+
+    from fastbridge import _build, kernels
+    from fastbridge.ops import source_tag
+
+    ops_dir = Path(fastbridge.ops.__file__).parent
+    want = source_tag([ops_dir, Path(kernels.__file__).parent, _build.csrc_dir()])
+    assert ic.unsafe_marked_cacheable_functions["torch.ops.fastbridge"] == f"fastbridge {fastbridge.__version__} {want}"
+    for name in ("op.py", "kernel.cu", "host.h", "cpu.cpp"):
+        (tmp_path / name).write_text("// v1\n")
+    before = source_tag([tmp_path])
+    for name in ("op.py", "kernel.cu", "host.h", "cpu.cpp"):
+        (tmp_path / name).write_text("// v2\n")
+        after = source_tag([tmp_path])
+        assert after != before, name
+        before = after
+
+
 def test_one_reference_per_op():
     from fastbridge import reference
 

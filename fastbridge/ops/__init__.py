@@ -1,6 +1,49 @@
 """fastbridge.ops: the fused ops of API.md, each a torch.library custom op (torch.ops.fastbridge.*)."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch._inductor.config as _inductor_config
+
 from .adapter_block import adapter_block
 from .gated_attention import gated_attention
 from .qformer_cross_attention import qformer_cross_attention
 
 __all__ = ["adapter_block", "gated_attention", "qformer_cross_attention"]
+
+_CACHE_KEY = "torch.ops.fastbridge"
+
+
+def source_tag(dirs) -> str:
+    """A hash of every source file (.py, .h, .cpp, .cu) under ``dirs``: names and contents."""
+    h = hashlib.sha256()
+    for root in dirs:
+        root = Path(root)
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".py", ".h", ".cpp", ".cu")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _tag_compile_caches() -> None:
+    """torch.compile's on-disk caches (FX graph, AOTAutograd) key a custom op by its name, not by what
+    implements it: after fastbridge's ops change (an upgrade, an edited kernel) a cached graph would call
+    them under the old contract -- a failed shape assert at best, wrong gradients at worst. The inductor
+    config is part of every cache key, so one entry tagged with a hash of the sources that define the
+    ops (this package, the Triton kernels, the C++/CUDA sources) keeps such graphs apart."""
+    from .. import __version__
+    from .. import kernels  # a namespace package with nothing imported (no triton needed)
+    from .._build import ExtensionUnavailable, csrc_dir
+
+    dirs = [Path(__file__).parent, Path(kernels.__file__).parent]
+    try:
+        dirs.append(csrc_dir())
+    except ExtensionUnavailable:  # no C++ sources installed: the C++ ops cannot load either
+        pass
+    tag = f"fastbridge {__version__} {source_tag(dirs)}"
+    _inductor_config.unsafe_marked_cacheable_functions = {**_inductor_config.unsafe_marked_cacheable_functions,
+                                                          _CACHE_KEY: tag}
+
+
+_tag_compile_caches()
