@@ -60,12 +60,13 @@ from pathlib import Path
 import torch
 
 from fastbridge.kernels import gated_attention as GA
+from fastbridge.kernels._common import H100_ARCH, SMEM_PER_BLOCK
 from fastbridge.sm90_check import GA_SIGNATURES
 
 DEFAULT_OUT = Path("/tmp/fastbridge-sweep")
 CANDIDATES_FILE = "sweep_candidates.json"
 RESULTS_FILE = "sweep_results.json"
-SMEM_LIMIT = 227 * 1024  # H100: maximum dynamic shared memory per block (bytes)
+SMEM_LIMIT = SMEM_PER_BLOCK[H100_ARCH]  # H100: maximum dynamic shared memory per block (bytes)
 HEAD_DIMS = (64, 128, 256)
 TRAIN_LQ = 4096  # fwd_config depends on Lq only below 65 rows (decode); any training length gives the default
 PREFIX_LEN = 10  # P of the H100 shapes (benchmarks/notes/gated_attention.md); sets BLOCK_P = 16
@@ -307,13 +308,13 @@ def override(c: Candidate):
     """Launch ``c``'s kernel with its configuration at head dim c.d, everything else as by default, in
     its dQ mode. Swaps kernels.gated_attention's fwd_config / bwd_config; restores them on exit."""
     if c.kernel == "fwd":
-        def fwd_config(D, Lq):
-            return c.config if D == c.d and Lq > 64 else _FWD_DEFAULT(D, Lq)
+        def fwd_config(D, Lq, arch=H100_ARCH):
+            return c.config if D == c.d and Lq > 64 else _FWD_DEFAULT(D, Lq, arch)
 
         GA.fwd_config = fwd_config
     else:
-        def bwd_config(D):
-            cfg = _BWD_DEFAULT(D)
+        def bwd_config(D, arch=H100_ARCH):
+            cfg = _BWD_DEFAULT(D, arch)
             return {**cfg, BWD_ENTRY[c.kernel]: c.config} if D == c.d else cfg
 
         GA.bwd_config = bwd_config

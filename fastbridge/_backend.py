@@ -91,9 +91,12 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         if triton_interpret():
             return None
-        major, _ = torch.cuda.get_device_capability(device)
-        if major < 7:
-            return f"Triton needs a GPU of compute capability >= 7.0, {device} has {major}.x"
+        # 8.0 (A100) and later: Triton supports those (and compiles no bf16 dots below), and the launch
+        # configurations are compile-checked for sm_80 .. sm_90 (python -m fastbridge.sm90_check --arch all).
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return (f"the Triton kernels need a GPU of compute capability >= 8.0, {device} "
+                    f"({torch.cuda.get_device_name(device)}) has {major}.{minor}")
         return None
     if device.type == "cpu":
         if triton_interpret():

@@ -1,11 +1,14 @@
 """Compile fastbridge's Triton kernels for a GPU target without a GPU and report their resources.
 
-    python -m fastbridge.sm90_check [--arch 90]
+    python -m fastbridge.sm90_check [--arch 90 | --arch 80 89 | --arch all] [--dtype bf16] [--jobs N]
 
-For each launch configuration the launchers can pick, compiles the kernel to PTX and cubin with
-Triton's bundled ptxas and reports registers per thread, spill stores/loads, shared memory and
-whether the PTX uses wgmma (Hopper tensor-core instructions). tests/test_sm90_compile.py fails on
-any spilling configuration, so none reaches a GPU run.
+For each launch configuration the launchers pick for that arch (sm_80 A100, sm_86 RTX 30xx / A6000,
+sm_89 RTX 40xx / L4 / L40, sm_90 H100; ``all``: each of them), compiles the kernel to PTX and cubin with
+Triton's bundled ptxas and reports registers per thread, stack frame (spills), shared memory and whether
+the PTX uses wgmma (Hopper tensor-core instructions). Exits 1 if any configuration spills or needs more
+shared memory than a block of that arch may have (kernels/_common.SMEM_PER_BLOCK); tests/test_sm90_compile.py
+runs it, so no such configuration reaches a GPU run. --dtype compiles the kernels for fp16 or fp32 inputs
+(fp32: dots as torch's default "highest" matmul precision, fp32-tf32: as "high") instead of bf16.
 """
 from __future__ import annotations
 
@@ -14,11 +17,14 @@ import os
 import re
 import subprocess
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from fastbridge.kernels._common import SMEM_PER_BLOCK
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -78,14 +84,14 @@ def resources(name: str, config: str, compiled) -> Resources:
 
 
 def adapter_block_configs(arch: int = 90):
-    """Every (kernel, config) the adapter_block launchers can choose, in bf16."""
+    """Every (kernel, config) the adapter_block launchers can choose for ``arch``, in bf16."""
     from fastbridge.kernels import adapter_block as K
 
     ptr = "*bf16"
     f32p = "*fp32"
     for block_r in (16, 32, 64, 128, 256):
         for d, has_ln in ((768, False), (4096, True)):
-            bm, bd, warps = K._row_config(block_r, d)
+            bm, bd, warps = K._row_config(block_r, d, arch)
             flags = dict(ACT=0, HAS_LN=has_ln, HAS_RES=False, HAS_S=True, BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=block_r,
                          DOT_PREC="ieee")
             cfg = f"r<={block_r} ln={int(has_ln)} BM={bm} BD={bd} warps={warps}"
@@ -99,7 +105,7 @@ def adapter_block_configs(arch: int = 90):
                             stride_xm="i32", stride_dxm="i32")
             yield ("adapter_bwd_rows", cfg, K._adapter_bwd_rows_kernel, rows_sig, flags, warps)
         for has_ln in (False, True):
-            bn, bdw, r_tile, warps_w = K._weights_config(block_r, has_ln)
+            bn, bdw, r_tile, warps_w = K._weights_config(block_r, has_ln, arch)
             w_sig = dict(DY=ptr, X=ptr, Z=ptr, DZ=ptr, WD=ptr, LNW=ptr, LNB=ptr, MEAN=f32p, RSTD=f32p, DWU=f32p,
                          DWD=f32p, DBU=f32p, DBD=f32p, DLNW=f32p, DLNB=f32p, N="i32", D="i32", R="i32",
                          stride_dym="i32", stride_xm="i32", rows_per_split="i32")
@@ -143,7 +149,7 @@ GA_SIGNATURES = {
 
 
 def gated_attention_configs(arch: int = 90):
-    """Every (kernel, config) the gated_attention launchers pick, bf16, per supported head dim."""
+    """Every (kernel, config) the gated_attention launchers pick for ``arch``, bf16, per supported head dim."""
     from fastbridge.kernels import gated_attention as K
 
     S = GA_SIGNATURES
@@ -151,19 +157,19 @@ def gated_attention_configs(arch: int = 90):
         bd = K.pow2_at_least(D)
         bp = K._prefix_block(10)
         for Lq in (4096, 1):
-            bm, bn, warps, stages = K.fwd_config(D, Lq)
+            bm, bn, warps, stages = K.fwd_config(D, Lq, arch)
             c = dict(CAUSAL=True, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee")
             yield ("gated_attn_fwd", f"D={D} Lq={Lq} BM={bm} BN={bn} warps={warps}", K._gated_attn_fwd_kernel,
                    S["fwd"], c, warps, stages)
-        bm, bn, warps, stages = K.fwd_config(D, 1)  # decode: split-K + combine
+        bm, bn, warps, stages = K.fwd_config(D, 1, arch)  # decode: split-K + combine
         c = dict(CAUSAL=True, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC="ieee")
         yield ("gated_attn_fwd_split", f"D={D} BM={bm} BN={bn} warps={warps}", K._gated_attn_fwd_split_kernel,
                S["fwd_split"], c, warps, stages)
         c = dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee")
-        cw = K.combine_warps(bm, D)
+        cw = K.combine_warps(bm, D, arch)
         yield ("gated_attn_fwd_combine", f"D={D} BM={bm} warps={cw}", K._gated_attn_fwd_combine_kernel,
                S["fwd_combine"], c, cw, 1)
-        bcfg = K.bwd_config(D)
+        bcfg = K.bwd_config(D, arch)
         bm, bn, warps, stages = bcfg["pre"]
         c = dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee", GROUP=4)
         yield ("gated_attn_bwd_pre", f"D={D} BM={bm} warps={warps}", K._gated_attn_bwd_pre_kernel, S["pre"], c,
@@ -188,26 +194,77 @@ def all_configs(arch: int = 90):
     yield from gated_attention_configs(arch)
 
 
-def check_all(arch: int = 90, only: str | None = None) -> list[Resources]:
-    out = []
-    for name, cfg, fn, sig, consts, warps, stages in all_configs(arch):
-        if only and not name.startswith(only):
-            continue
-        out.append(resources(name, cfg, compile_kernel(fn, sig, consts, warps, arch, stages)))
-    return out
+# --dtype: the pointer type the kernels are compiled for and the DOT_PREC its launch passes
+# (kernels/_common.dot_precision).
+DTYPES = {"bf16": ("*bf16", "ieee"), "fp16": ("*fp16", "ieee"), "fp32": ("*fp32", "ieee"),
+          "fp32-tf32": ("*fp32", "tf32")}
+
+
+def _for_dtype(sig: dict, consts: dict, dtype: str) -> tuple[dict, dict]:
+    ptr, prec = DTYPES[dtype]
+    return {k: (ptr if v == _P else v) for k, v in sig.items()}, dict(consts, DOT_PREC=prec)
+
+
+def _check_one(job) -> Resources:
+    arch, index, dtype = job
+    name, cfg, fn, sig, consts, warps, stages = list(all_configs(arch))[index]
+    sig, consts = _for_dtype(sig, consts, dtype)
+    return resources(name, cfg, compile_kernel(fn, sig, consts, warps, arch, stages))
+
+
+def check_all(arch: int = 90, only: str | None = None, dtype: str = "bf16", jobs: int = 1) -> list[Resources]:
+    """Compile every configuration of all_configs(arch) whose kernel name starts with ``only``; ``jobs``
+    worker processes (1: in this one)."""
+    work = [(arch, i, dtype) for i, (name, *_) in enumerate(all_configs(arch)) if not only or name.startswith(only)]
+    if jobs <= 1:
+        return [_check_one(w) for w in work]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_check_one, work))
+
+
+ARCHS = tuple(sorted(SMEM_PER_BLOCK))
+
+
+def _archs(values: list[str]) -> list[int]:
+    if values == ["all"]:
+        return list(ARCHS)
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise SystemExit(f"--arch: expected compute capabilities like 80 89 90, or all; got {' '.join(values)}")
+
+
+def report(arch: int, rows: list[Resources]) -> int:
+    """Print the rows and the verdict for ``arch``; returns the number of failing configurations (spills, or
+    more shared memory than SMEM_PER_BLOCK[arch])."""
+    limit = SMEM_PER_BLOCK.get(arch)
+    over = {id(r) for r in rows if limit is not None and r.shared > limit}
+    for r in rows:
+        print(r.row() + (f" SHARED MEMORY > {limit}" if id(r) in over else ""))
+    print(f"{len(rows)} configurations, {sum(r.spills for r in rows)} spilling")
+    if limit is None:
+        print(f"shared memory: no per-block limit known for sm_{arch} (not checked)")
+    else:
+        print(f"shared memory: {len(over)} above sm_{arch}'s {limit} B per block "
+              f"(largest {max((r.shared for r in rows), default=0)} B)")
+    return sum(r.spills or id(r) in over for r in rows)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--arch", nargs="+", default=["90"],
+                   help=f"compute capabilities, e.g. 90 or 80 89, or all ({', '.join(map(str, ARCHS))})")
     p.add_argument("--only", default=None, help="kernel name prefix, e.g. gated_attn")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    p.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     a = p.parse_args(argv)
-    rows = check_all(a.arch, a.only)
-    for r in rows:
-        print(r.row())
-    bad = [r for r in rows if r.spills]
-    print(f"{len(rows)} configurations, {len(bad)} spilling")
-    return 1 if bad else 0
+    archs = _archs(a.arch)
+    failing = 0
+    for arch in archs:
+        if len(archs) > 1:
+            print(f"== sm_{arch}")
+        failing += report(arch, check_all(arch, a.only, a.dtype, a.jobs))
+    return 1 if failing else 0
 
 
 if __name__ == "__main__":

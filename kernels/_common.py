@@ -25,10 +25,44 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        return num_sms(_cuda_index(device))
     return 4  # interpreter: a few programs are enough to exercise the split reduction
+
+
+# Launch configurations are chosen per GPU architecture, as 10 * major + minor of the compute capability
+# (80 A100, 86 RTX 30xx / A6000, 89 RTX 40xx / L4 / L40, 90 H100). The configuration functions take it
+# (default H100_ARCH); every configuration they can pick for an arch in SMEM_PER_BLOCK compiles without
+# spills and within its shared memory (python -m fastbridge.sm90_check --arch all).
+H100_ARCH = 90
+# Shared memory one block may opt in to, bytes (CUDA C++ Programming Guide, technical specifications).
+SMEM_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_arch(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
+def pre_hopper(arch: int) -> bool:
+    """True for sm_80 .. sm_89 (the floor is fastbridge._backend's): Triton's dots there are mma.sync, whose
+    operand tiles are held in registers (Hopper's wgmma reads them from shared memory), so several H100
+    tiles spill and get their own configuration. Every arch >= 90 gets the H100 configurations."""
+    return arch < H100_ARCH
+
+
+def device_arch(device: torch.device) -> int:
+    """The arch the launchers pick configurations for: the CUDA device's compute capability (cached per
+    device); H100_ARCH on CPU, so interpreter runs (TRITON_INTERPRET=1) exercise the H100 configurations."""
+    if device.type == "cuda":
+        return _capability_arch(_cuda_index(device))
+    return H100_ARCH
 
 
 def dot_precision(dtype: torch.dtype) -> str:

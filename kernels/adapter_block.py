@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, empty, pow2_at_least, sm_count
+from ._common import H100_ARCH, device_arch, dot_precision, empty, pow2_at_least, pre_hopper, sm_count
 
 ACT_IDS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 
@@ -309,21 +309,31 @@ def _adapter_bwd_weights_kernel(
 
 
 # --------------------------------------------------------------------------------------------------
-# Launch configuration. Registers per thread scale with BLOCK_M·BLOCK_R (accumulators) and
-# BLOCK_M·BLOCK_D (chunk tiles). Every configuration below compiles for sm_90 without spills
-# (python -m fastbridge.sm90_check; enforced by tests/test_sm90_compile.py). Not yet tuned on a GPU.
+# Launch configuration, per GPU arch (10 * major + minor; kernels/_common.device_arch). Registers per thread
+# scale with BLOCK_M·BLOCK_R (accumulators) and BLOCK_M·BLOCK_D (chunk tiles). Every configuration below
+# compiles without spills and within the arch's shared memory for sm_80, sm_86, sm_89 and sm_90
+# (python -m fastbridge.sm90_check --arch all; enforced by tests/test_sm90_compile.py). Not yet tuned on a GPU.
 # --------------------------------------------------------------------------------------------------
-def _row_config(block_r: int, d: int) -> tuple[int, int, int]:
+def _row_config(block_r: int, d: int, arch: int = H100_ARCH) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps) for the row-tile kernels (forward, backward rows)."""
     if block_r <= 64:
         return 64, min(128, pow2_at_least(d)), 8
     if block_r <= 128:
         return 64, min(64, pow2_at_least(d)), 8
-    return 16, min(64, pow2_at_least(d)), 8
+    # 32-column chunks before Hopper: with 64, Triton 3.6's ptxas holds the LayerNorm backward at 128 registers
+    # and spills (and fp32 needs more shared memory than sm_86 / sm_89 have).
+    return 16, min(32 if pre_hopper(arch) else 64, pow2_at_least(d)), 8
 
 
-def _weights_config(block_r: int, has_ln: bool) -> tuple[int, int, int, int]:
+def _weights_config(block_r: int, has_ln: bool, arch: int = H100_ARCH) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_D, BLOCK_R tile, num_warps) for the weight-gradient kernel."""
+    if pre_hopper(arch):
+        # mma.sync: r is tiled by 64 (32 with LayerNorm, whose extra dz·W_down dot and h / x̂ tiles also take
+        # 16-row chunks); the H100 tiles spill for r > 64, and for r = 64 with LayerNorm.
+        if has_ln:
+            return 16, 64, min(block_r, 32), 8
+        if block_r > 64:
+            return (64, 32, 64, 8) if block_r <= 128 else (32, 32, 64, 8)
     if block_r <= 64:
         return 64, 64, block_r, 8
     if not has_ln:
@@ -350,7 +360,7 @@ def adapter_forward(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, acti
     if N == 0:
         return y, z, mean, rstd
     block_r = pow2_at_least(R)
-    block_m, block_d, warps = _row_config(block_r, D)
+    block_m, block_d, warps = _row_config(block_r, D, device_arch(dev))
     dummy = x
     _adapter_fwd_kernel[(triton.cdiv(N, block_m),)](
         x, residual if residual is not None else dummy, y, w_down,
@@ -377,6 +387,7 @@ def adapter_backward(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, 
     has_ln = ln_weight is not None
     dummy = x
     block_r = pow2_at_least(R)
+    arch = device_arch(dev)
     prec = dot_precision(x.dtype)
     act = ACT_IDS[activation]
 
@@ -384,7 +395,7 @@ def adapter_backward(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, 
     dz = empty((N, R), x.dtype, dev)
     ag = empty((N,), torch.float32, dev)
     if N > 0:
-        block_m, block_d, warps = _row_config(block_r, D)
+        block_m, block_d, warps = _row_config(block_r, D, arch)
         _adapter_bwd_rows_kernel[(triton.cdiv(N, block_m),)](
             dy, x, dx, w_down, w_up, ln_weight if has_ln else dummy, z,
             mean if has_ln else dummy, rstd if has_ln else dummy, s if s is not None else dummy, dz, ag,
@@ -393,7 +404,7 @@ def adapter_backward(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, 
             BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PREC=prec, num_warps=warps,
         )
 
-    block_n, block_dw, r_tile, warps_w = _weights_config(block_r, has_ln)
+    block_n, block_dw, r_tile, warps_w = _weights_config(block_r, has_ln, arch)
     n_rtiles = triton.cdiv(R, r_tile)
     n_dtiles = triton.cdiv(D, block_dw)
     n_chunks = max(1, triton.cdiv(N, block_n))

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, empty, pow2_at_least, sm_count
+from ._common import H100_ARCH, device_arch, dot_precision, empty, pow2_at_least, pre_hopper, sm_count
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -456,7 +456,9 @@ def _gated_attn_bwd_dq_kernel(
 
 
 # --------------------------------------------------------------------------------------------------
-# Launchers. Configurations compile for sm_90 without spills (python -m fastbridge.sm90_check).
+# Launchers. Configurations per GPU arch (10 * major + minor; kernels/_common.device_arch): the H100's
+# for sm_90 and later, own ones where those spill on sm_80 / sm_86 / sm_89. All compile without spills
+# and within the arch's shared memory (python -m fastbridge.sm90_check --arch all).
 # --------------------------------------------------------------------------------------------------
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -471,7 +473,7 @@ def _kpm_arg(kpm, dummy):
     return (kpm.contiguous().view(torch.uint8), True) if kpm is not None else (dummy, False)
 
 
-def fwd_config(D: int, Lq: int) -> tuple[int, int, int, int]:
+def fwd_config(D: int, Lq: int, arch: int = H100_ARCH) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward kernel."""
     block_m = 128 if Lq > 64 and D <= 128 else 64
     if Lq <= 16:
@@ -480,23 +482,37 @@ def fwd_config(D: int, Lq: int) -> tuple[int, int, int, int]:
     # A 16-row (decode) tile takes 4 warps at any D: with 8 at D = 256, Triton 3.6's ptxas stops at 128
     # registers and spills.
     warps = 8 if block_m == 128 or (D > 128 and block_m > 16) else 4
+    if pre_hopper(arch):  # mma.sync; the H100 tiles below spill there
+        if block_m > 16 and D >= 64:  # half the rows, 8 warps
+            block_m, warps = block_m // 2, 8
+        elif block_m == 16 and D <= 16:  # 32 keys: with 64 the split kernel spills (Triton 3.6, sm_80)
+            block_n = 32
     return block_m, block_n, warps, 2
 
 
-def combine_warps(block_m: int, D: int) -> int:
-    """num_warps of the decode combine kernel (no key loop): 8 for a 128-row tile or D > 128."""
+def combine_warps(block_m: int, D: int, arch: int = H100_ARCH) -> int:
+    """num_warps of the decode combine kernel (no key loop): 8 for a 128-row tile or D > 128 (every arch)."""
     return 8 if block_m == 128 or D > 128 else 4
 
 
-def bwd_config(D: int) -> dict[str, tuple[int, int, int, int]]:
+def bwd_config(D: int, arch: int = H100_ARCH) -> dict[str, tuple[int, int, int, int]]:
     """Per backward kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_N unused by "pre"."""
     if D <= 64:
         c = (64, 64, 4, 2)
-        return {"pre": c, "dkdv": c, "dq": c}
-    if D <= 128:
-        return {"pre": (32, 0, 8, 1), "dkdv": (32, 64, 8, 2), "dq": (64, 64, 8, 2)}
-    c = (32, 32, 8, 1)
-    return {"pre": c, "dkdv": c, "dq": c}
+        cfg = {"pre": c, "dkdv": c, "dq": c}
+    elif D <= 128:
+        cfg = {"pre": (32, 0, 8, 1), "dkdv": (32, 64, 8, 2), "dq": (64, 64, 8, 2)}
+    else:
+        c = (32, 32, 8, 1)
+        cfg = {"pre": c, "dkdv": c, "dq": c}
+    if pre_hopper(arch):  # mma.sync: the entries that spill there get fewer rows / keys, stages or warps
+        if D <= 64:
+            cfg.update(pre=(32, 0, 4, 2), dkdv=(64, 32, 8, 2), dq=(32, 64, 4, 2))
+        elif D <= 128:
+            cfg.update(dkdv=(32, 64, 8, 1), dq=(32, 64, 4, 2))
+        else:
+            cfg.update(dq=(16, 32, 8, 1))
+    return cfg
 
 
 def decode_splits(programs: int, Lq: int, Lk: int, block_m: int, block_n: int, device) -> int:
@@ -546,7 +562,8 @@ def gated_attention_forward(q, k, v, pk, pv, g, causal, scale, kpm):
         return out, lse_m, lse_p
     g = g.float().contiguous()
     kpm_t, has_kpm = _kpm_arg(kpm, q)
-    block_m, block_n, warps, stages = fwd_config(D, Lq)
+    arch = device_arch(q.device)
+    block_m, block_n, warps, stages = fwd_config(D, Lq, arch)
     shared = pk.shape[0] == 1 and B > 1
     block_d, block_p = pow2_at_least(D), _prefix_block(P)
     qk_scale = scale * math.log2(math.e)
@@ -577,8 +594,8 @@ def gated_attention_forward(q, k, v, pk, pv, g, causal, scale, kpm):
         q, pk, pv, g, acc_part, ml_part, out, lse_m, lse_p,
         *_s4(q), *_s4(pk, shared), *_s4(pv, shared), *_s4(out),
         H, H // Hkv, Lq, P, D, splits, qk_scale,
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, DOT_PREC=prec, num_warps=combine_warps(block_m, D),
-        num_stages=1,
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, DOT_PREC=prec,
+        num_warps=combine_warps(block_m, D, arch), num_stages=1,
     )
     return out, lse_m, lse_p
 
@@ -601,7 +618,7 @@ def gated_attention_backward(dout, q, k, v, pk, pv, g, out, lse_m, lse_p, causal
     shared = Bp == 1 and B > 1
     qk_scale = scale * math.log2(math.e)
     prec = dot_precision(q.dtype)
-    cfg = bwd_config(D)
+    cfg = bwd_config(D, device_arch(dev))
     block_d = pow2_at_least(D)
     block_p = _prefix_block(P)
 

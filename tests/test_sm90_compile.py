@@ -1,23 +1,199 @@
-"""Every launch configuration of the Triton kernels compiles for the H100 (sm_90) without spills.
+"""Launch configurations per GPU arch: every one compiles without spills and within the arch's shared memory.
 
 Runs without a GPU: Triton compiles to PTX and cubin with its bundled ptxas; cuobjdump reports the
-stack frame (spills) and registers. A spilling configuration fails here before any GPU run. The
-check runs in a subprocess without TRITON_INTERPRET (compiling needs real @triton.jit functions).
+stack frame (spills), registers and shared memory (python -m fastbridge.sm90_check). A spilling or
+oversized configuration fails here before any GPU run. The check runs in a subprocess without
+TRITON_INTERPRET (compiling needs real @triton.jit functions). sm_86 is not compiled here: its ptxas
+output for these kernels is the same as sm_89's (same configurations, same limit); `--arch all` has it.
+
+Also: the configuration functions pick the H100's configurations for sm_90 (and the interpreter) and their
+own for sm_80 .. sm_89, those compute correctly (interpreter), and GPUs below 8.0 get the reference.
 """
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 
-def test_kernel_configs_compile_for_sm90_without_spills():
+from fastbridge import _backend
+from fastbridge.kernels import _common
+from fastbridge.kernels import adapter_block as AB
+from fastbridge.kernels import gated_attention as GA
+
+from conftest import assert_close, needs_interpreter
+
+COMPILED_ARCHS = (80, 89, 90)
+N_CONFIGS = 75
+
+
+def _sections(stdout: str) -> dict[int, list[str]]:
+    """sm90_check's output for several archs, split at its "== sm_N" headers."""
+    out, arch = {}, None
+    for ln in stdout.splitlines():
+        if ln.startswith("== sm_"):
+            arch = int(ln.removeprefix("== sm_"))
+            out[arch] = []
+        elif arch is not None:
+            out[arch].append(ln)
+    return out
+
+
+def test_kernel_configs_compile_without_spills_within_shared_memory():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "fastbridge.sm90_check", "--arch", "90"], capture_output=True,
-                          text=True, env=env, cwd=str(Path(__file__).parent), timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("adapter_", "gated_attn_"))]
+    cmd = [sys.executable, "-m", "fastbridge.sm90_check", "--arch", *map(str, COMPILED_ARCHS),
+           "--jobs", str(os.cpu_count() or 1)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(Path(__file__).parent), timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert len(lines) == 75 and "75 configurations, 0 spilling" in proc.stdout, proc.stdout[-4000:]
+    sections = _sections(proc.stdout)
+    assert sorted(sections) == sorted(COMPILED_ARCHS), proc.stdout[-4000:]
+    for arch, text in sections.items():
+        lines = [ln for ln in text if ln.startswith(("adapter_", "gated_attn_"))]
+        summary = "\n".join(text[-2:])
+        assert len(lines) == N_CONFIGS and f"{N_CONFIGS} configurations, 0 spilling" in summary, (arch, summary)
+        limit = _common.SMEM_PER_BLOCK[arch]
+        assert f"shared memory: 0 above sm_{arch}'s {limit} B per block" in summary, (arch, summary)
+        assert not any("SHARED MEMORY" in ln for ln in lines), arch
     # Hopper tensor cores (wgmma) wherever the row tile allows them (>= 64 rows).
+    lines = [ln for ln in sections[90] if ln.startswith(("adapter_", "gated_attn_"))]
     big_tile = [ln for ln in lines if any(f"{k}={n} " in ln for k in ("BM", "BN") for n in (64, 128))
                 and not ("BM=16 " in ln or "BM=32 " in ln)]
     assert big_tile and all("wgmma=yes" in ln for ln in big_tile), "\n".join(big_tile)
+
+
+# ----------------------------------------------------------------------- configuration functions (CPU)
+# The H100 (sm_90) configurations, pinned: also what every arch >= 90 and the interpreter get.
+H100_FWD = {(16, 4096): (128, 64, 8, 2), (64, 4096): (128, 64, 8, 2), (128, 4096): (128, 64, 8, 2),
+            (256, 4096): (64, 32, 8, 2), (64, 64): (64, 64, 4, 2), (16, 1): (16, 64, 4, 2), (128, 1): (16, 64, 4, 2),
+            (256, 1): (16, 32, 4, 2)}
+H100_BWD = {
+    32: {"pre": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)},
+    64: {"pre": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)},
+    128: {"pre": (32, 0, 8, 1), "dkdv": (32, 64, 8, 2), "dq": (64, 64, 8, 2)},
+    256: {"pre": (32, 32, 8, 1), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)},
+}
+H100_ROWS = {(64, 4096): (64, 128, 8), (128, 4096): (64, 64, 8), (256, 4096): (16, 64, 8), (256, 48): (16, 64, 8)}
+H100_WEIGHTS = {(16, True): (64, 64, 16, 8), (64, True): (64, 64, 64, 8), (64, False): (64, 64, 64, 8),
+                (128, False): (64, 32, 128, 8), (128, True): (64, 32, 128, 8), (256, False): (32, 32, 256, 8),
+                (256, True): (64, 32, 128, 8)}
+# sm_80 / sm_86 / sm_89 (mma.sync): only what differs from the H100's.
+PRE_HOPPER_FWD = {(64, 4096): (64, 64, 8, 2), (128, 4096): (64, 64, 8, 2), (256, 4096): (32, 32, 8, 2),
+                  (64, 64): (32, 64, 8, 2), (16, 1): (16, 32, 4, 2)}
+PRE_HOPPER_BWD = {
+    32: {"pre": (32, 0, 4, 2), "dkdv": (64, 32, 8, 2), "dq": (32, 64, 4, 2)},
+    64: {"pre": (32, 0, 4, 2), "dkdv": (64, 32, 8, 2), "dq": (32, 64, 4, 2)},
+    128: {"dkdv": (32, 64, 8, 1), "dq": (32, 64, 4, 2)},
+    256: {"dq": (16, 32, 8, 1)},
+}
+PRE_HOPPER_ROWS = {(256, 4096): (16, 32, 8), (256, 48): (16, 32, 8)}
+PRE_HOPPER_WEIGHTS = {(16, True): (16, 64, 16, 8), (64, True): (16, 64, 32, 8), (128, False): (64, 32, 64, 8),
+                      (128, True): (16, 64, 32, 8), (256, False): (32, 32, 64, 8), (256, True): (16, 64, 32, 8)}
+
+
+def _expected(arch):
+    if not _common.pre_hopper(arch):
+        return H100_FWD, H100_BWD, H100_ROWS, H100_WEIGHTS
+    return ({**H100_FWD, **PRE_HOPPER_FWD}, {d: {**c, **PRE_HOPPER_BWD[d]} for d, c in H100_BWD.items()},
+            {**H100_ROWS, **PRE_HOPPER_ROWS}, {**H100_WEIGHTS, **PRE_HOPPER_WEIGHTS})
+
+
+@pytest.mark.parametrize("cap", [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0)], ids=lambda c: f"sm_{c[0]}{c[1]}")
+def test_config_functions_pick_per_arch(cap):
+    arch = 10 * cap[0] + cap[1]
+    assert _common.pre_hopper(arch) == (cap < (9, 0))
+    fwd, bwd, rows, weights = _expected(arch)
+    assert {k: GA.fwd_config(*k, arch) for k in fwd} == fwd
+    assert {d: GA.bwd_config(d, arch) for d in bwd} == bwd
+    assert {k: AB._row_config(*k, arch) for k in rows} == rows
+    assert {k: AB._weights_config(*k, arch) for k in weights} == weights
+    assert GA.combine_warps(16, 128, arch) == 4 and GA.combine_warps(16, 256, arch) == 8
+
+
+def test_default_arch_is_the_h100s_and_the_interpreter_uses_it(monkeypatch):
+    assert GA.fwd_config(128, 4096) == GA.fwd_config(128, 4096, 90) == H100_FWD[(128, 4096)]
+    assert GA.bwd_config(64) == H100_BWD[64] and AB._weights_config(256, True) == H100_WEIGHTS[(256, True)]
+    assert _common.device_arch(torch.device("cpu")) == 90
+    calls = []
+
+    def capability(index):
+        calls.append(index)
+        return (8, 6)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    _common._capability_arch.cache_clear()
+    try:
+        assert _common.device_arch(torch.device("cuda", 3)) == 86
+        assert _common.device_arch(torch.device("cuda", 3)) == 86
+        assert calls == [3]  # cached per device
+    finally:
+        _common._capability_arch.cache_clear()
+
+
+def test_gpus_below_compute_capability_8_get_the_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    reason = _backend.triton_unavailable_reason(torch.device("cuda", 0))
+    assert reason is not None and ">= 8.0" in reason and "cuda:0 (Tesla T4) has 7.5" in reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert _backend.triton_unavailable_reason(torch.device("cuda", 0)) is None
+
+
+# ------------------------------------------------- the sm_80 .. sm_89 configurations compute correctly
+# The interpreter (CPU) launches with the configuration functions' arch-80 picks: fp32 against the float64
+# reference, every gradient, both dQ modes. Cases reach each configuration that differs from the H100's.
+GA_CASES = [  # (B, H, Hkv, Lq, Lk, P, D, options), as tests/test_gated_attention.py
+    pytest.param(1, 2, 1, 80, 80, 4, 64, dict(), id="d64-train-tile"),
+    pytest.param(3, 4, 1, 21, 21, 1, 64, dict(kpm=True, gate="scalar"), id="d64-short-Lq-pad"),
+    pytest.param(1, 2, 2, 33, 33, 17, 128, dict(per_sample=True, kpm=True), id="d128"),
+    pytest.param(1, 2, 1, 24, 40, 3, 256, dict(), id="d256"),
+    pytest.param(2, 4, 2, 37, 37, 3, 32, dict(), id="d32-gqa"),
+    pytest.param(1, 4, 2, 5, 777, 4, 16, dict(kpm="partial", per_sample=True), id="d16-decode-split"),
+]
+AB_CASES = [  # (lead shape, d, r, activation, options), as tests/test_adapter_block.py
+    pytest.param((2, 19), 70, 13, "gelu", dict(ln=True, ln_bias=True, gate=True), id="ln-r16"),
+    pytest.param((21,), 257, 64, "gelu_tanh", dict(ln=True, ln_bias=True, scale=0.5), id="ln-r64-two-r-tiles"),
+    pytest.param((9,), 64, 256, "gelu", dict(gate=True, residual=True), id="r256-r-tiled"),
+    pytest.param((11,), 96, 200, "gelu", dict(ln=True, ln_bias=True), id="ln-r200"),
+    pytest.param((37,), 130, 100, "silu", dict(tensor_scale=True), id="r128-r-tiled"),
+]
+
+
+@pytest.fixture
+def arch80(monkeypatch):
+    monkeypatch.setattr(GA, "device_arch", lambda device: 80)
+    monkeypatch.setattr(AB, "device_arch", lambda device: 80)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dq_mode", ["separate", "atomic"])
+@pytest.mark.parametrize("B,H,Hkv,Lq,Lk,P,D,opts", GA_CASES)
+def test_gated_attention_with_pre_hopper_configs(arch80, monkeypatch, dq_mode, B, H, Hkv, Lq, Lk, P, D, opts):
+    import test_gated_attention as T
+
+    monkeypatch.setenv("FASTBRIDGE_GA_DQ", dq_mode)
+    dtype = torch.float32
+    t, kw = T.make_inputs(B, H, Hkv, Lq, Lk, P, D, opts, dtype, "cpu")
+    dout = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out, grads = T.run(t, kw, dout, "kernel")
+    out64, g64 = T.reference64(t, kw, dout)
+    assert_close(out, out64, dtype, "out")
+    for n in T.NAMES:
+        assert_close(grads[n], g64[n], dtype, f"d{n}")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("lead,d,r,activation,opts", AB_CASES)
+def test_adapter_block_with_pre_hopper_configs(arch80, lead, d, r, activation, opts):
+    import test_adapter_block as T
+
+    dtype = torch.float32
+    t = T.make_inputs(lead, d, r, opts, dtype, "cpu")
+    dy = torch.randn(*lead, d, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y, grads = T.run_with_grads(t, activation, dy, "kernel")
+    y64, g64 = T.reference64(t, activation, dy)
+    assert_close(y, y64, dtype, "y")
+    assert set(grads) == set(g64)
+    for name in g64:
+        assert_close(grads[name], g64[name], dtype, f"d{name}")
