@@ -308,13 +308,13 @@ def override(c: Candidate):
     """Launch ``c``'s kernel with its configuration at head dim c.d, everything else as by default, in
     its dQ mode. Swaps kernels.gated_attention's fwd_config / bwd_config; restores them on exit."""
     if c.kernel == "fwd":
-        def fwd_config(D, Lq, arch=H100_ARCH):
-            return c.config if D == c.d and Lq > 64 else _FWD_DEFAULT(D, Lq, arch)
+        def fwd_config(D, Lq, arch=H100_ARCH, elem_size=2):
+            return c.config if D == c.d and Lq > 64 else _FWD_DEFAULT(D, Lq, arch, elem_size)
 
         GA.fwd_config = fwd_config
     else:
-        def bwd_config(D, arch=H100_ARCH):
-            cfg = _BWD_DEFAULT(D, arch)
+        def bwd_config(D, arch=H100_ARCH, elem_size=2):
+            cfg = _BWD_DEFAULT(D, arch, elem_size)
             return {**cfg, BWD_ENTRY[c.kernel]: c.config} if D == c.d else cfg
 
         GA.bwd_config = bwd_config

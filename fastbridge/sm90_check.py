@@ -1,6 +1,7 @@
 """Compile fastbridge's Triton kernels for a GPU target without a GPU and report their resources.
 
-    python -m fastbridge.sm90_check [--arch 90 | --arch 80 89 | --arch all] [--dtype bf16] [--jobs N]
+    python -m fastbridge.sm90_check [--arch 90 | --arch 80 89 | --arch all] [--dtype bf16 [fp32 ...]] [--jobs N]
+                                    [--allow-spills]
 
 For each launch configuration the launchers pick for that arch (sm_80 A100, sm_86 RTX 30xx / A6000,
 sm_89 RTX 40xx / L4 / L40, sm_90 H100; ``all``: each of them), compiles the kernel to PTX and cubin with
@@ -8,7 +9,9 @@ Triton's bundled ptxas and reports registers per thread, stack frame (spills), s
 the PTX uses wgmma (Hopper tensor-core instructions). Exits 1 if any configuration spills or needs more
 shared memory than a block of that arch may have (kernels/_common.SMEM_PER_BLOCK); tests/test_sm90_compile.py
 runs it, so no such configuration reaches a GPU run. --dtype compiles the kernels for fp16 or fp32 inputs
-(fp32: dots as torch's default "highest" matmul precision, fp32-tf32: as "high") instead of bf16.
+(fp32: dots as torch's default "highest" matmul precision, fp32-tf32: as "high") instead of bf16, with the
+configurations the launchers pick for that element size (4 bytes for fp32); several dtypes: one section each.
+--allow-spills: only shared memory fails (fp32's configurations spill on every arch; accepted).
 """
 from __future__ import annotations
 
@@ -83,15 +86,17 @@ def resources(name: str, config: str, compiled) -> Resources:
     return Resources(name, config, field("REG"), 0, 0, field("STACK"), int(shared), "wgmma" in ptx)
 
 
-def adapter_block_configs(arch: int = 90):
-    """Every (kernel, config) the adapter_block launchers can choose for ``arch``, in bf16."""
+def adapter_block_configs(arch: int = 90, elem_size: int = 2):
+    """Every (kernel, config, ..., num_warps, num_stages) the adapter_block launchers can choose for ``arch`` and
+    inputs of ``elem_size`` bytes; signatures in bf16 (_for_dtype swaps the pointer type)."""
     from fastbridge.kernels import adapter_block as K
 
     ptr = "*bf16"
     f32p = "*fp32"
+    stages = K._num_stages(arch, elem_size)
     for block_r in (16, 32, 64, 128, 256):
         for d, has_ln in ((768, False), (4096, True)):
-            bm, bd, warps = K._row_config(block_r, d, arch)
+            bm, bd, warps = K._row_config(block_r, d, arch, elem_size)
             flags = dict(ACT=0, HAS_LN=has_ln, HAS_RES=False, HAS_S=True, BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=block_r,
                          DOT_PREC="ieee")
             cfg = f"r<={block_r} ln={int(has_ln)} BM={bm} BD={bd} warps={warps}"
@@ -99,19 +104,19 @@ def adapter_block_configs(arch: int = 90):
                            RSTD=f32p, S=f32p, scale="fp32", eps="fp32", N="i32", D="i32", R="i32", stride_xm="i32",
                            stride_rm="i32", stride_ym="i32")
             fwd_c = dict(flags, HAS_LNB=has_ln, HAS_BD=True, HAS_BU=True)
-            yield ("adapter_fwd", cfg, K._adapter_fwd_kernel, fwd_sig, fwd_c, warps)
+            yield ("adapter_fwd", cfg, K._adapter_fwd_kernel, fwd_sig, fwd_c, warps, stages)
             rows_sig = dict(DY=ptr, X=ptr, DX=ptr, WD=ptr, WU=ptr, LNW=ptr, Z=ptr, MEAN=f32p, RSTD=f32p, S=f32p,
                             DZ=ptr, AG=f32p, scale="fp32", N="i32", D="i32", R="i32", stride_dym="i32",
                             stride_xm="i32", stride_dxm="i32")
-            yield ("adapter_bwd_rows", cfg, K._adapter_bwd_rows_kernel, rows_sig, flags, warps)
+            yield ("adapter_bwd_rows", cfg, K._adapter_bwd_rows_kernel, rows_sig, flags, warps, stages)
         for has_ln in (False, True):
-            bn, bdw, r_tile, warps_w = K._weights_config(block_r, has_ln, arch)
+            bn, bdw, r_tile, warps_w = K._weights_config(block_r, has_ln, arch, elem_size)
             w_sig = dict(DY=ptr, X=ptr, Z=ptr, DZ=ptr, WD=ptr, LNW=ptr, LNB=ptr, MEAN=f32p, RSTD=f32p, DWU=f32p,
                          DWD=f32p, DBU=f32p, DBD=f32p, DLNW=f32p, DLNB=f32p, N="i32", D="i32", R="i32",
                          stride_dym="i32", stride_xm="i32", rows_per_split="i32")
             w_c = dict(ACT=0, HAS_LN=has_ln, HAS_LNB=has_ln, BLOCK_N=bn, BLOCK_D=bdw, BLOCK_R=r_tile, DOT_PREC="ieee")
             yield ("adapter_bwd_weights", f"r<={block_r} ln={int(has_ln)} BN={bn} BD={bdw} BR={r_tile} warps={warps_w}",
-                   K._adapter_bwd_weights_kernel, w_sig, w_c, warps_w)
+                   K._adapter_bwd_weights_kernel, w_sig, w_c, warps_w, stages)
 
 
 def _i32(*names):
@@ -148,28 +153,30 @@ GA_SIGNATURES = {
 }
 
 
-def gated_attention_configs(arch: int = 90):
-    """Every (kernel, config) the gated_attention launchers pick for ``arch``, bf16, per supported head dim."""
+def gated_attention_configs(arch: int = 90, elem_size: int = 2):
+    """Every (kernel, config) the gated_attention launchers pick for ``arch`` and inputs of ``elem_size`` bytes,
+    per supported head dim; signatures in bf16. Lq: a long sequence, 64 (17 .. 64: one 64-row tile on sm_90)
+    and decode (1)."""
     from fastbridge.kernels import gated_attention as K
 
     S = GA_SIGNATURES
     for D in (16, 32, 64, 128, 256):
         bd = K.pow2_at_least(D)
         bp = K._prefix_block(10)
-        for Lq in (4096, 1):
-            bm, bn, warps, stages = K.fwd_config(D, Lq, arch)
+        for Lq in (4096, 64, 1):
+            bm, bn, warps, stages = K.fwd_config(D, Lq, arch, elem_size)
             c = dict(CAUSAL=True, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee")
             yield ("gated_attn_fwd", f"D={D} Lq={Lq} BM={bm} BN={bn} warps={warps}", K._gated_attn_fwd_kernel,
                    S["fwd"], c, warps, stages)
-        bm, bn, warps, stages = K.fwd_config(D, 1, arch)  # decode: split-K + combine
+        bm, bn, warps, stages = K.fwd_config(D, 1, arch, elem_size)  # decode: split-K + combine
         c = dict(CAUSAL=True, HAS_KPM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC="ieee")
         yield ("gated_attn_fwd_split", f"D={D} BM={bm} BN={bn} warps={warps}", K._gated_attn_fwd_split_kernel,
                S["fwd_split"], c, warps, stages)
         c = dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee")
-        cw = K.combine_warps(bm, D, arch)
+        cw = K.combine_warps(bm, D, arch, elem_size)
         yield ("gated_attn_fwd_combine", f"D={D} BM={bm} warps={cw}", K._gated_attn_fwd_combine_kernel,
                S["fwd_combine"], c, cw, 1)
-        bcfg = K.bwd_config(D, arch)
+        bcfg = K.bwd_config(D, arch, elem_size)
         bm, bn, warps, stages = bcfg["pre"]
         c = dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee", GROUP=4)
         yield ("gated_attn_bwd_pre", f"D={D} BM={bm} warps={warps}", K._gated_attn_bwd_pre_kernel, S["pre"], c,
@@ -188,26 +195,29 @@ def gated_attention_configs(arch: int = 90):
                    K._gated_attn_bwd_dq_kernel, S["dq"], c, warps, stages)
 
 
-def all_configs(arch: int = 90):
-    for name, cfg, fn, sig, consts, warps in adapter_block_configs(arch):
-        yield name, cfg, fn, sig, consts, warps, 3
-    yield from gated_attention_configs(arch)
+def all_configs(arch: int = 90, elem_size: int = 2):
+    yield from adapter_block_configs(arch, elem_size)
+    yield from gated_attention_configs(arch, elem_size)
 
 
-# --dtype: the pointer type the kernels are compiled for and the DOT_PREC its launch passes
-# (kernels/_common.dot_precision).
-DTYPES = {"bf16": ("*bf16", "ieee"), "fp16": ("*fp16", "ieee"), "fp32": ("*fp32", "ieee"),
-          "fp32-tf32": ("*fp32", "tf32")}
+# --dtype: the pointer type the kernels are compiled for, the DOT_PREC its launch passes
+# (kernels/_common.dot_precision) and its element size in bytes (the launchers' x / q.element_size()).
+DTYPES = {"bf16": ("*bf16", "ieee", 2), "fp16": ("*fp16", "ieee", 2), "fp32": ("*fp32", "ieee", 4),
+          "fp32-tf32": ("*fp32", "tf32", 4)}
+
+
+def elem_size(dtype: str) -> int:
+    return DTYPES[dtype][2]
 
 
 def _for_dtype(sig: dict, consts: dict, dtype: str) -> tuple[dict, dict]:
-    ptr, prec = DTYPES[dtype]
+    ptr, prec, _ = DTYPES[dtype]
     return {k: (ptr if v == _P else v) for k, v in sig.items()}, dict(consts, DOT_PREC=prec)
 
 
 def _check_one(job) -> Resources:
     arch, index, dtype = job
-    name, cfg, fn, sig, consts, warps, stages = list(all_configs(arch))[index]
+    name, cfg, fn, sig, consts, warps, stages = list(all_configs(arch, elem_size(dtype)))[index]
     sig, consts = _for_dtype(sig, consts, dtype)
     return resources(name, cfg, compile_kernel(fn, sig, consts, warps, arch, stages))
 
@@ -215,7 +225,8 @@ def _check_one(job) -> Resources:
 def check_all(arch: int = 90, only: str | None = None, dtype: str = "bf16", jobs: int = 1) -> list[Resources]:
     """Compile every configuration of all_configs(arch) whose kernel name starts with ``only``; ``jobs``
     worker processes (1: in this one)."""
-    work = [(arch, i, dtype) for i, (name, *_) in enumerate(all_configs(arch)) if not only or name.startswith(only)]
+    work = [(arch, i, dtype) for i, (name, *_) in enumerate(all_configs(arch, elem_size(dtype)))
+            if not only or name.startswith(only)]
     if jobs <= 1:
         return [_check_one(w) for w in work]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -234,20 +245,21 @@ def _archs(values: list[str]) -> list[int]:
         raise SystemExit(f"--arch: expected compute capabilities like 80 89 90, or all; got {' '.join(values)}")
 
 
-def report(arch: int, rows: list[Resources]) -> int:
-    """Print the rows and the verdict for ``arch``; returns the number of failing configurations (spills, or
-    more shared memory than SMEM_PER_BLOCK[arch])."""
+def report(arch: int, rows: list[Resources], allow_spills: bool = False) -> int:
+    """Print the rows and the verdict for ``arch``; returns the number of failing configurations (spills unless
+    ``allow_spills``, or more shared memory than SMEM_PER_BLOCK[arch])."""
     limit = SMEM_PER_BLOCK.get(arch)
     over = {id(r) for r in rows if limit is not None and r.shared > limit}
     for r in rows:
         print(r.row() + (f" SHARED MEMORY > {limit}" if id(r) in over else ""))
-    print(f"{len(rows)} configurations, {sum(r.spills for r in rows)} spilling")
+    allowed = " (allowed)" if allow_spills else ""
+    print(f"{len(rows)} configurations, {sum(r.spills for r in rows)} spilling{allowed}")
     if limit is None:
         print(f"shared memory: no per-block limit known for sm_{arch} (not checked)")
     else:
         print(f"shared memory: {len(over)} above sm_{arch}'s {limit} B per block "
               f"(largest {max((r.shared for r in rows), default=0)} B)")
-    return sum(r.spills or id(r) in over for r in rows)
+    return sum((r.spills and not allow_spills) or id(r) in over for r in rows)
 
 
 def main(argv=None) -> int:
@@ -255,15 +267,20 @@ def main(argv=None) -> int:
     p.add_argument("--arch", nargs="+", default=["90"],
                    help=f"compute capabilities, e.g. 90 or 80 89, or all ({', '.join(map(str, ARCHS))})")
     p.add_argument("--only", default=None, help="kernel name prefix, e.g. gated_attn")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["bf16"],
+                   help="one or more; several: a section per (arch, dtype), headed '== sm_N DTYPE'")
     p.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    p.add_argument("--allow-spills", action="store_true", help="fail on shared memory only (fp32 spills)")
     a = p.parse_args(argv)
     archs = _archs(a.arch)
     failing = 0
-    for arch in archs:
-        if len(archs) > 1:
-            print(f"== sm_{arch}")
-        failing += report(arch, check_all(arch, a.only, a.dtype, a.jobs))
+    for dtype in a.dtype:
+        for arch in archs:
+            if len(a.dtype) > 1:
+                print(f"== sm_{arch} {dtype}")
+            elif len(archs) > 1:
+                print(f"== sm_{arch}")
+            failing += report(arch, check_all(arch, a.only, dtype, a.jobs), a.allow_spills)
     return 1 if failing else 0
 
 

@@ -42,6 +42,9 @@ def sm_count(device: torch.device) -> int:
 H100_ARCH = 90
 # Shared memory one block may opt in to, bytes (CUDA C++ Programming Guide, technical specifications).
 SMEM_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# Up to this much shared memory per block, 4-byte (fp32) inputs get their own, smaller-footprint configurations
+# (sm_86 / sm_89: 99 KB; their 2-byte configurations need up to ~96 KB, twice that in fp32).
+SMALL_SMEM = 128 * 1024
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,6 +58,19 @@ def pre_hopper(arch: int) -> bool:
     operand tiles are held in registers (Hopper's wgmma reads them from shared memory), so several H100
     tiles spill and get their own configuration. Every arch >= 90 gets the H100 configurations."""
     return arch < H100_ARCH
+
+
+def smem_per_block(arch: int) -> int:
+    """SMEM_PER_BLOCK[arch]; for an arch not in it, the smallest known one of its kind (before / from Hopper)."""
+    if arch in SMEM_PER_BLOCK:
+        return SMEM_PER_BLOCK[arch]
+    return min(v for a, v in SMEM_PER_BLOCK.items() if pre_hopper(a) == pre_hopper(arch))
+
+
+def small_smem(arch: int, elem_size: int) -> bool:
+    """True for inputs of more than 2 bytes (fp32) on an arch with at most SMALL_SMEM shared memory per block:
+    the configuration functions then pick fewer pipeline stages / smaller tiles."""
+    return elem_size > 2 and smem_per_block(arch) <= SMALL_SMEM
 
 
 def device_arch(device: torch.device) -> int:

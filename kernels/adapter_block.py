@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import H100_ARCH, device_arch, dot_precision, empty, pow2_at_least, pre_hopper, sm_count
+from ._common import (H100_ARCH, device_arch, dot_precision, empty, pow2_at_least, pre_hopper, sm_count,
+                      small_smem)
 
 ACT_IDS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 
@@ -314,10 +315,13 @@ def _adapter_bwd_weights_kernel(
 # compiles without spills and within the arch's shared memory for sm_80, sm_86, sm_89 and sm_90
 # (python -m fastbridge.sm90_check --arch all; enforced by tests/test_sm90_compile.py). Not yet tuned on a GPU.
 # --------------------------------------------------------------------------------------------------
-def _row_config(block_r: int, d: int, arch: int = H100_ARCH) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps) for the row-tile kernels (forward, backward rows)."""
+def _row_config(block_r: int, d: int, arch: int = H100_ARCH, elem_size: int = 2) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps) for the row-tile kernels (forward, backward rows); elem_size: bytes per x
+    element."""
     if block_r <= 64:
-        return 64, min(128, pow2_at_least(d)), 8
+        # fp32 on 99 KB GPUs (sm_86 / sm_89): 64-column chunks (128 take 97 KB of the 99 at 2 stages, and the
+        # backward spills more).
+        return 64, min(64 if small_smem(arch, elem_size) else 128, pow2_at_least(d)), 8
     if block_r <= 128:
         return 64, min(64, pow2_at_least(d)), 8
     # 32-column chunks before Hopper: with 64, Triton 3.6's ptxas holds the LayerNorm backward at 128 registers
@@ -325,8 +329,16 @@ def _row_config(block_r: int, d: int, arch: int = H100_ARCH) -> tuple[int, int, 
     return 16, min(32 if pre_hopper(arch) else 64, pow2_at_least(d)), 8
 
 
-def _weights_config(block_r: int, has_ln: bool, arch: int = H100_ARCH) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_D, BLOCK_R tile, num_warps) for the weight-gradient kernel."""
+def _num_stages(arch: int = H100_ARCH, elem_size: int = 2) -> int:
+    """num_stages of all three adapter kernels: Triton's default 3; 2 for fp32 on 99 KB GPUs (sm_86 / sm_89),
+    where 3 stages of 4-byte chunks need more shared memory than a block may have."""
+    return 2 if small_smem(arch, elem_size) else 3
+
+
+def _weights_config(block_r: int, has_ln: bool, arch: int = H100_ARCH,
+                    elem_size: int = 2) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_D, BLOCK_R tile, num_warps) for the weight-gradient kernel; elem_size: bytes per x element
+    (fp32 on 99 KB GPUs: the same tiles, with 2 stages, _num_stages)."""
     if pre_hopper(arch):
         # mma.sync: r is tiled by 64 (32 with LayerNorm, whose extra dz·W_down dot and h / x̂ tiles also take
         # 16-row chunks); the H100 tiles spill for r > 64, and for r = 64 with LayerNorm.
@@ -360,7 +372,8 @@ def adapter_forward(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, acti
     if N == 0:
         return y, z, mean, rstd
     block_r = pow2_at_least(R)
-    block_m, block_d, warps = _row_config(block_r, D, device_arch(dev))
+    arch, elem = device_arch(dev), x.element_size()
+    block_m, block_d, warps = _row_config(block_r, D, arch, elem)
     dummy = x
     _adapter_fwd_kernel[(triton.cdiv(N, block_m),)](
         x, residual if residual is not None else dummy, y, w_down,
@@ -372,6 +385,7 @@ def adapter_forward(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, acti
         ACT=ACT_IDS[activation], HAS_LN=has_ln, HAS_LNB=ln_bias is not None, HAS_BD=b_down is not None,
         HAS_BU=b_up is not None, HAS_RES=residual is not None, HAS_S=s is not None,
         BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PREC=dot_precision(x.dtype), num_warps=warps,
+        num_stages=_num_stages(arch, elem),
     )
     return y, z, mean, rstd
 
@@ -387,7 +401,8 @@ def adapter_backward(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, 
     has_ln = ln_weight is not None
     dummy = x
     block_r = pow2_at_least(R)
-    arch = device_arch(dev)
+    arch, elem = device_arch(dev), x.element_size()
+    stages = _num_stages(arch, elem)
     prec = dot_precision(x.dtype)
     act = ACT_IDS[activation]
 
@@ -395,16 +410,17 @@ def adapter_backward(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, 
     dz = empty((N, R), x.dtype, dev)
     ag = empty((N,), torch.float32, dev)
     if N > 0:
-        block_m, block_d, warps = _row_config(block_r, D, arch)
+        block_m, block_d, warps = _row_config(block_r, D, arch, elem)
         _adapter_bwd_rows_kernel[(triton.cdiv(N, block_m),)](
             dy, x, dx, w_down, w_up, ln_weight if has_ln else dummy, z,
             mean if has_ln else dummy, rstd if has_ln else dummy, s if s is not None else dummy, dz, ag,
             float(scale), N, D, R, dy.stride(0), x.stride(0), dx.stride(0),
             ACT=act, HAS_LN=has_ln, HAS_RES=has_residual, HAS_S=s is not None,
             BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PREC=prec, num_warps=warps,
+            num_stages=stages,
         )
 
-    block_n, block_dw, r_tile, warps_w = _weights_config(block_r, has_ln, arch)
+    block_n, block_dw, r_tile, warps_w = _weights_config(block_r, has_ln, arch, elem)
     n_rtiles = triton.cdiv(R, r_tile)
     n_dtiles = triton.cdiv(D, block_dw)
     n_chunks = max(1, triton.cdiv(N, block_n))
@@ -425,6 +441,7 @@ def adapter_backward(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, 
         N, D, R, dy.stride(0), x.stride(0), rows_per_split,
         ACT=act, HAS_LN=has_ln, HAS_LNB=ln_bias is not None,
         BLOCK_N=block_n, BLOCK_D=block_dw, BLOCK_R=r_tile, DOT_PREC=prec, num_warps=warps_w,
+        num_stages=stages,
     )
     s_eff = torch.full((), float(scale), dtype=f32, device=dev)
     if s is not None:

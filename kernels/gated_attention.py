@@ -36,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import H100_ARCH, device_arch, dot_precision, empty, pow2_at_least, pre_hopper, sm_count
+from ._common import (H100_ARCH, device_arch, dot_precision, empty, pow2_at_least, pre_hopper, sm_count,
+                      small_smem)
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -473,30 +474,38 @@ def _kpm_arg(kpm, dummy):
     return (kpm.contiguous().view(torch.uint8), True) if kpm is not None else (dummy, False)
 
 
-def fwd_config(D: int, Lq: int, arch: int = H100_ARCH) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward kernel."""
+def fwd_config(D: int, Lq: int, arch: int = H100_ARCH, elem_size: int = 2) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward kernel; elem_size: bytes per q element."""
     block_m = 128 if Lq > 64 and D <= 128 else 64
     if Lq <= 16:
         block_m = 16
     block_n = 64 if D <= 128 else 32
     # A 16-row (decode) tile takes 4 warps at any D: with 8 at D = 256, Triton 3.6's ptxas stops at 128
-    # registers and spills.
-    warps = 8 if block_m == 128 or (D > 128 and block_m > 16) else 4
+    # registers and spills. A 64-row tile takes 8 at D >= 128: with 4 it spills at D = 128 (sm_90).
+    warps = 8 if block_m == 128 or (D >= 128 and block_m > 16) else 4
+    stages = 2
     if pre_hopper(arch):  # mma.sync; the H100 tiles below spill there
         if block_m > 16 and D >= 64:  # half the rows, 8 warps
             block_m, warps = block_m // 2, 8
         elif block_m == 16 and D <= 16:  # 32 keys: with 64 the split kernel spills (Triton 3.6, sm_80)
             block_n = 32
-    return block_m, block_n, warps, 2
+    if small_smem(arch, elem_size) and block_m > 16:  # fp32 on 99 KB: 32 keys at D = 128, 1 stage above
+        if D > 128:
+            stages = 1
+        elif D > 64:
+            block_n = 32
+    return block_m, block_n, warps, stages
 
 
-def combine_warps(block_m: int, D: int, arch: int = H100_ARCH) -> int:
-    """num_warps of the decode combine kernel (no key loop): 8 for a 128-row tile or D > 128 (every arch)."""
+def combine_warps(block_m: int, D: int, arch: int = H100_ARCH, elem_size: int = 2) -> int:
+    """num_warps of the decode combine kernel (no key loop): 8 for a 128-row tile or D > 128 (every arch and
+    element size)."""
     return 8 if block_m == 128 or D > 128 else 4
 
 
-def bwd_config(D: int, arch: int = H100_ARCH) -> dict[str, tuple[int, int, int, int]]:
-    """Per backward kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_N unused by "pre"."""
+def bwd_config(D: int, arch: int = H100_ARCH, elem_size: int = 2) -> dict[str, tuple[int, int, int, int]]:
+    """Per backward kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_N unused by "pre"; elem_size:
+    bytes per q element."""
     if D <= 64:
         c = (64, 64, 4, 2)
         cfg = {"pre": c, "dkdv": c, "dq": c}
@@ -512,6 +521,12 @@ def bwd_config(D: int, arch: int = H100_ARCH) -> dict[str, tuple[int, int, int, 
             cfg.update(dkdv=(32, 64, 8, 1), dq=(32, 64, 4, 2))
         else:
             cfg.update(dq=(16, 32, 8, 1))
+        # fp32: tiles twice the bytes. D = 256's dkdv (TF32 dots; and pre with Triton 3.6) needs more than
+        # sm_80's 163 KB, and on 99 KB GPUs (sm_86 / sm_89) D = 128's dkdv and dq too.
+        if elem_size > 2 and D > 128:
+            cfg.update(pre=(16, 32, 8, 1), dkdv=(16, 16 if small_smem(arch, elem_size) else 32, 8, 1))
+        elif small_smem(arch, elem_size) and D > 64:  # dkdv: 16 rows for the atomic variant under Triton 3.6
+            cfg.update(dkdv=(16, 32, 8, 1), dq=(32, 64, 4, 1))
     return cfg
 
 
@@ -563,7 +578,7 @@ def gated_attention_forward(q, k, v, pk, pv, g, causal, scale, kpm):
     g = g.float().contiguous()
     kpm_t, has_kpm = _kpm_arg(kpm, q)
     arch = device_arch(q.device)
-    block_m, block_n, warps, stages = fwd_config(D, Lq, arch)
+    block_m, block_n, warps, stages = fwd_config(D, Lq, arch, q.element_size())
     shared = pk.shape[0] == 1 and B > 1
     block_d, block_p = pow2_at_least(D), _prefix_block(P)
     qk_scale = scale * math.log2(math.e)
@@ -595,7 +610,7 @@ def gated_attention_forward(q, k, v, pk, pv, g, causal, scale, kpm):
         *_s4(q), *_s4(pk, shared), *_s4(pv, shared), *_s4(out),
         H, H // Hkv, Lq, P, D, splits, qk_scale,
         BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, DOT_PREC=prec,
-        num_warps=combine_warps(block_m, D, arch), num_stages=1,
+        num_warps=combine_warps(block_m, D, arch, q.element_size()), num_stages=1,
     )
     return out, lse_m, lse_p
 
@@ -618,7 +633,7 @@ def gated_attention_backward(dout, q, k, v, pk, pv, g, out, lse_m, lse_p, causal
     shared = Bp == 1 and B > 1
     qk_scale = scale * math.log2(math.e)
     prec = dot_precision(q.dtype)
-    cfg = bwd_config(D, device_arch(dev))
+    cfg = bwd_config(D, device_arch(dev), q.element_size())
     block_d = pow2_at_least(D)
     block_p = _prefix_block(P)
 

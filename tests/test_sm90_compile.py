@@ -5,6 +5,8 @@ stack frame (spills), registers and shared memory (python -m fastbridge.sm90_che
 oversized configuration fails here before any GPU run. The check runs in a subprocess without
 TRITON_INTERPRET (compiling needs real @triton.jit functions). sm_86 is not compiled here: its ptxas
 output for these kernels is the same as sm_89's (same configurations, same limit); `--arch all` has it.
+fp32 (TF32 and "highest" dots) is compiled for sm_80 and sm_89 with the configurations the launchers pick for
+4-byte elements: within shared memory there (spills allowed: fp32 spills on every arch).
 
 Also: the configuration functions pick the H100's configurations for sm_90 (and the interpreter) and their
 own for sm_80 .. sm_89, those compute correctly (interpreter), and GPUs below 8.0 get the reference.
@@ -25,26 +27,34 @@ from fastbridge.kernels import gated_attention as GA
 from conftest import assert_close, needs_interpreter
 
 COMPILED_ARCHS = (80, 89, 90)
-N_CONFIGS = 75
+N_CONFIGS = 80
+FP32_ARCHS = (80, 89)
+FP32_DTYPES = ("fp32-tf32", "fp32")
 
 
-def _sections(stdout: str) -> dict[int, list[str]]:
-    """sm90_check's output for several archs, split at its "== sm_N" headers."""
-    out, arch = {}, None
+def _sections(stdout: str) -> dict:
+    """sm90_check's output for several archs (or archs and dtypes), split at its "== sm_N [DTYPE]" headers: keyed
+    by the arch, or by (arch, dtype)."""
+    out, key = {}, None
     for ln in stdout.splitlines():
         if ln.startswith("== sm_"):
-            arch = int(ln.removeprefix("== sm_"))
-            out[arch] = []
-        elif arch is not None:
-            out[arch].append(ln)
+            arch, *dtype = ln.removeprefix("== sm_").split()
+            key = (int(arch), dtype[0]) if dtype else int(arch)
+            out[key] = []
+        elif key is not None:
+            out[key].append(ln)
     return out
 
 
+def _env_without_interpreter() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 def test_kernel_configs_compile_without_spills_within_shared_memory():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "fastbridge.sm90_check", "--arch", *map(str, COMPILED_ARCHS),
            "--jobs", str(os.cpu_count() or 1)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(Path(__file__).parent), timeout=1200)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env_without_interpreter(),
+                          cwd=str(Path(__file__).parent), timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     sections = _sections(proc.stdout)
     assert sorted(sections) == sorted(COMPILED_ARCHS), proc.stdout[-4000:]
@@ -62,10 +72,31 @@ def test_kernel_configs_compile_without_spills_within_shared_memory():
     assert big_tile and all("wgmma=yes" in ln for ln in big_tile), "\n".join(big_tile)
 
 
+def test_fp32_configs_fit_shared_memory_on_sm80_and_sm89():
+    """fp32 tiles take twice the bytes: the launchers pick configurations for 4-byte elements (fewer stages,
+    smaller tiles) that fit sm_89's 99 KB and sm_80's 163 KB per block (with the 2-byte ones, 19-20 did not on
+    sm_89 and 2 on sm_80: OutOfResources at launch). Spills are allowed in fp32."""
+    cmd = [sys.executable, "-m", "fastbridge.sm90_check", "--arch", *map(str, FP32_ARCHS), "--dtype", *FP32_DTYPES,
+           "--allow-spills", "--jobs", str(os.cpu_count() or 1)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env_without_interpreter(),
+                          cwd=str(Path(__file__).parent), timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    sections = _sections(proc.stdout)
+    assert sorted(sections) == sorted((a, d) for a in FP32_ARCHS for d in FP32_DTYPES), proc.stdout[-4000:]
+    for (arch, dtype), text in sections.items():
+        lines = [ln for ln in text if ln.startswith(("adapter_", "gated_attn_"))]
+        summary = "\n".join(text[-2:])
+        assert len(lines) == N_CONFIGS and f"{N_CONFIGS} configurations, " in summary, (arch, dtype, summary)
+        limit = _common.SMEM_PER_BLOCK[arch]
+        assert f"shared memory: 0 above sm_{arch}'s {limit} B per block" in summary, (arch, dtype, summary)
+        assert not any("SHARED MEMORY" in ln for ln in lines), (arch, dtype)
+
+
 # ----------------------------------------------------------------------- configuration functions (CPU)
 # The H100 (sm_90) configurations, pinned: also what every arch >= 90 and the interpreter get.
 H100_FWD = {(16, 4096): (128, 64, 8, 2), (64, 4096): (128, 64, 8, 2), (128, 4096): (128, 64, 8, 2),
-            (256, 4096): (64, 32, 8, 2), (64, 64): (64, 64, 4, 2), (16, 1): (16, 64, 4, 2), (128, 1): (16, 64, 4, 2),
+            (256, 4096): (64, 32, 8, 2), (64, 64): (64, 64, 4, 2), (128, 64): (64, 64, 8, 2),
+            (16, 1): (16, 64, 4, 2), (128, 1): (16, 64, 4, 2),
             (256, 1): (16, 32, 4, 2)}
 H100_BWD = {
     32: {"pre": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)},
@@ -79,7 +110,7 @@ H100_WEIGHTS = {(16, True): (64, 64, 16, 8), (64, True): (64, 64, 64, 8), (64, F
                 (256, True): (64, 32, 128, 8)}
 # sm_80 / sm_86 / sm_89 (mma.sync): only what differs from the H100's.
 PRE_HOPPER_FWD = {(64, 4096): (64, 64, 8, 2), (128, 4096): (64, 64, 8, 2), (256, 4096): (32, 32, 8, 2),
-                  (64, 64): (32, 64, 8, 2), (16, 1): (16, 32, 4, 2)}
+                  (64, 64): (32, 64, 8, 2), (128, 64): (32, 64, 8, 2), (16, 1): (16, 32, 4, 2)}
 PRE_HOPPER_BWD = {
     32: {"pre": (32, 0, 4, 2), "dkdv": (64, 32, 8, 2), "dq": (32, 64, 4, 2)},
     64: {"pre": (32, 0, 4, 2), "dkdv": (64, 32, 8, 2), "dq": (32, 64, 4, 2)},
@@ -108,6 +139,37 @@ def test_config_functions_pick_per_arch(cap):
     assert {k: AB._row_config(*k, arch) for k in rows} == rows
     assert {k: AB._weights_config(*k, arch) for k in weights} == weights
     assert GA.combine_warps(16, 128, arch) == 4 and GA.combine_warps(16, 256, arch) == 8
+
+
+# fp32 (4-byte elements): only what differs from the 2-byte configurations of that arch. sm_90 (232 KB): none.
+FP32_SMALL_SMEM_FWD = {(128, 4096): (64, 32, 8, 2), (128, 64): (32, 32, 8, 2), (256, 4096): (32, 32, 8, 1)}
+FP32_SMALL_SMEM_BWD = {128: {"dkdv": (16, 32, 8, 1), "dq": (32, 64, 4, 1)},
+                       256: {"pre": (16, 32, 8, 1), "dkdv": (16, 16, 8, 1)}}
+FP32_SMALL_SMEM_ROWS = {(64, 4096): (64, 64, 8)}
+FP32_SM80_BWD = {256: {"pre": (16, 32, 8, 1), "dkdv": (16, 32, 8, 1)}}
+
+
+@pytest.mark.parametrize("arch", [80, 86, 89, 90, 100])
+def test_config_functions_for_4_byte_elements(arch):
+    fwd, bwd, rows, weights = _expected(arch)
+    # elem_size=2 (the default) is the 2-byte configuration on every arch.
+    assert {k: GA.fwd_config(*k, arch, 2) for k in fwd} == fwd
+    assert {d: GA.bwd_config(d, arch, 2) for d in bwd} == bwd
+    assert {k: AB._row_config(*k, arch, 2) for k in rows} == rows
+    assert AB._num_stages(arch) == AB._num_stages(arch, 2) == 3
+    small = arch in (86, 89)
+    if small:
+        fwd = {**fwd, **FP32_SMALL_SMEM_FWD}
+        bwd = {d: {**c, **FP32_SMALL_SMEM_BWD.get(d, {})} for d, c in bwd.items()}
+        rows = {**rows, **FP32_SMALL_SMEM_ROWS}
+    elif arch == 80:
+        bwd = {d: {**c, **FP32_SM80_BWD.get(d, {})} for d, c in bwd.items()}
+    assert {k: GA.fwd_config(*k, arch, 4) for k in fwd} == fwd
+    assert {d: GA.bwd_config(d, arch, 4) for d in bwd} == bwd
+    assert {k: AB._row_config(*k, arch, 4) for k in rows} == rows
+    assert {k: AB._weights_config(*k, arch, 4) for k in weights} == weights  # same tiles; 2 stages on 99 KB
+    assert AB._num_stages(arch, 4) == (2 if small else 3)
+    assert _common.small_smem(arch, 4) == small and not _common.small_smem(arch, 2)
 
 
 def test_default_arch_is_the_h100s_and_the_interpreter_uses_it(monkeypatch):
@@ -141,8 +203,10 @@ def test_gpus_below_compute_capability_8_get_the_reference(monkeypatch):
 
 
 # ------------------------------------------------- the sm_80 .. sm_89 configurations compute correctly
-# The interpreter (CPU) launches with the configuration functions' arch-80 picks: fp32 against the float64
-# reference, every gradient, both dQ modes. Cases reach each configuration that differs from the H100's.
+# The interpreter (CPU) launches with the configuration functions' arch-80 picks for 2-byte elements, computed
+# in fp32 against the float64 reference, every gradient, both dQ modes. Cases reach each configuration that
+# differs from the H100's. Then a few cases with sm_80's and sm_89's fp32 (4-byte) picks, as an A100 or an
+# RTX 4090 runs fp32.
 GA_CASES = [  # (B, H, Hkv, Lq, Lk, P, D, options), as tests/test_gated_attention.py
     pytest.param(1, 2, 1, 80, 80, 4, 64, dict(), id="d64-train-tile"),
     pytest.param(3, 4, 1, 21, 21, 1, 64, dict(kpm=True, gate="scalar"), id="d64-short-Lq-pad"),
@@ -164,6 +228,23 @@ AB_CASES = [  # (lead shape, d, r, activation, options), as tests/test_adapter_b
 def arch80(monkeypatch):
     monkeypatch.setattr(GA, "device_arch", lambda device: 80)
     monkeypatch.setattr(AB, "device_arch", lambda device: 80)
+    # the 2-byte configurations (bf16 / fp16 runs), although the inputs are fp32
+    for name in ("fwd_config", "bwd_config", "combine_warps"):  # (..., arch, elem_size) -> elem_size 2
+        real = getattr(GA, name)
+        monkeypatch.setattr(GA, name, lambda *args, _real=real: _real(*args[:-1], 2))
+    monkeypatch.setattr(AB, "small_smem", lambda arch, elem_size: False)
+
+
+@pytest.fixture(params=[80, 89], ids=lambda a: f"sm_{a}")
+def fp32_arch(request, monkeypatch):
+    arch = request.param
+    monkeypatch.setattr(GA, "device_arch", lambda device: arch)
+    monkeypatch.setattr(AB, "device_arch", lambda device: arch)
+    calls = []
+    real = GA.bwd_config
+    monkeypatch.setattr(GA, "bwd_config", lambda *a: calls.append(a) or real(*a))
+    yield arch
+    assert all(a[1:] == (arch, 4) for a in calls)  # the launchers passed fp32's element size
 
 
 @needs_interpreter
@@ -197,3 +278,20 @@ def test_adapter_block_with_pre_hopper_configs(arch80, lead, d, r, activation, o
     assert set(grads) == set(g64)
     for name in g64:
         assert_close(grads[name], g64[name], dtype, f"d{name}")
+
+
+GA_FP32_CASES = [c for c in GA_CASES if c.id in ("d128", "d256")]
+AB_FP32_CASES = [c for c in AB_CASES if c.id in ("ln-r64-two-r-tiles", "r128-r-tiled")]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dq_mode", ["separate", "atomic"])
+@pytest.mark.parametrize("B,H,Hkv,Lq,Lk,P,D,opts", GA_FP32_CASES)
+def test_gated_attention_with_pre_hopper_fp32_configs(fp32_arch, monkeypatch, dq_mode, B, H, Hkv, Lq, Lk, P, D, opts):
+    test_gated_attention_with_pre_hopper_configs(None, monkeypatch, dq_mode, B, H, Hkv, Lq, Lk, P, D, opts)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("lead,d,r,activation,opts", AB_FP32_CASES)
+def test_adapter_block_with_pre_hopper_fp32_configs(fp32_arch, lead, d, r, activation, opts):
+    test_adapter_block_with_pre_hopper_configs(None, lead, d, r, activation, opts)
