@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._common import (H100_ARCH, device_arch, dot_precision, empty, pow2_at_least, pre_hopper, sm_count,
-                      small_smem)
+                      small_smem, smem_per_block)
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -528,6 +528,19 @@ def bwd_config(D: int, arch: int = H100_ARCH, elem_size: int = 2) -> dict[str, t
         elif small_smem(arch, elem_size) and D > 64:  # dkdv: 16 rows for the atomic variant under Triton 3.6
             cfg.update(dkdv=(16, 32, 8, 1), dq=(32, 64, 4, 1))
     return cfg
+
+
+def shared_memory_gap(arch: int, elem_size: int, D: int, dot_prec: str, backward: bool,
+                      triton_version: str = triton.__version__) -> str | None:
+    """Why no launch configuration fits this arch's shared memory, or None. One case is known (sm90_check
+    --dtype fp32-tf32 under Triton 3.6): fp32 with TF32 dots at D > 128 on a 99 KB GPU, where Triton before
+    3.9 gives the backward's pre / atomic-dQ kernels 114688 B even at their smallest tiles (3.9: 64 KB)."""
+    major_minor = tuple(int(x) for x in triton_version.split(".")[:2] if x.isdigit())
+    if (backward and elem_size > 2 and dot_prec == "tf32" and D > 128 and small_smem(arch, elem_size)
+            and major_minor < (3, 9)):
+        return (f"with Triton {triton_version} the fp32 (TF32) backward at head dim {D} needs 114688 B of shared "
+                f"memory per block, sm_{arch} allows {smem_per_block(arch)} (Triton >= 3.9 fits)")
+    return None
 
 
 def decode_splits(programs: int, Lq: int, Lk: int, block_m: int, block_n: int, device) -> int:

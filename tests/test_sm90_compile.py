@@ -202,6 +202,20 @@ def test_gpus_below_compute_capability_8_get_the_reference(monkeypatch):
     assert _backend.triton_unavailable_reason(torch.device("cuda", 0)) is None
 
 
+def test_fp32_tf32_backward_that_fits_no_tile_gets_the_reference():
+    """The one known case no configuration fits (Triton < 3.9: fp32 with TF32 dots, D > 128, backward, on a
+    99 KB GPU) is named, so the op runs the reference instead of failing at launch; nothing else is."""
+    gap = GA.shared_memory_gap
+    reason = gap(89, 4, 256, "tf32", True, "3.6.0")
+    assert reason is not None and "114688" in reason and "sm_89 allows 101376" in reason and "3.6.0" in reason
+    assert gap(86, 4, 256, "tf32", True, "3.8.1") is not None
+    for args in [(89, 4, 256, "tf32", True, "3.9.0"), (89, 4, 256, "ieee", True, "3.6.0"),
+                 (89, 4, 256, "tf32", False, "3.6.0"), (89, 4, 128, "tf32", True, "3.6.0"),
+                 (89, 2, 256, "ieee", True, "3.6.0"), (80, 4, 256, "tf32", True, "3.6.0"),
+                 (90, 4, 256, "tf32", True, "3.6.0")]:
+        assert gap(*args) is None, args
+
+
 # ------------------------------------------------- the sm_80 .. sm_89 configurations compute correctly
 # The interpreter (CPU) launches with the configuration functions' arch-80 picks for 2-byte elements, computed
 # in fp32 against the float64 reference, every gradient, both dQ modes. Cases reach each configuration that

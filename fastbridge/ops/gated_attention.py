@@ -25,12 +25,21 @@ OP = "gated_attention"
 MAX_HEAD_DIM = 256
 
 
-def _kernel_unavailable(q: Tensor) -> Optional[str]:
+def _kernel_unavailable(q: Tensor, grads: tuple = ()) -> Optional[str]:
+    """Why the Triton kernels cannot serve this call (None: they can); ``grads``: the differentiable inputs
+    (a backward follows when grad mode is on and one of them requires grad)."""
     reason = _backend.triton_unavailable_reason(q.device)
     if reason is None and q.dtype == torch.float64:
         reason = "the Triton kernel computes in fp32/fp16/bf16, not float64"
     if reason is None and q.shape[-1] > MAX_HEAD_DIM:
         reason = f"the fused kernel supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}"
+    if reason is None and q.device.type == "cuda":
+        from ..kernels import _common as KC
+        from ..kernels import gated_attention as K
+
+        backward = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (q, *grads))
+        reason = K.shared_memory_gap(KC.device_arch(q.device), q.element_size(), q.shape[-1],
+                                     KC.dot_precision(q.dtype), backward)
     return reason
 
 
@@ -139,7 +148,7 @@ def gated_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v:
     """
     H, D = _validate(q, k, v, prefix_k, prefix_v, gate, causal, scale, gate_fn, key_padding_mask)
     s = D ** -0.5 if scale is None else float(scale)
-    if _backend.select(OP, q.device, _kernel_unavailable(q)) == "reference":
+    if _backend.select(OP, q.device, _kernel_unavailable(q, (k, v, prefix_k, prefix_v, gate))) == "reference":
         return ref.gated_attention(q, k, v, prefix_k, prefix_v, gate, causal=causal, scale=s, gate_fn=gate_fn,
                                    key_padding_mask=key_padding_mask)
     g = ref.gate_values(gate, gate_fn, H, torch.float32)
