@@ -32,7 +32,6 @@ of the plain PyTorch composition (BottleneckAdapter with .fused = False) one by 
 """
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 
@@ -111,26 +110,12 @@ def min_bytes(s: AdapterShape, mode: str) -> int:
 
 
 # ---------------------------------------------------------------------------- fused, as written
-def _block_r(r: int) -> int:
-    return max(16, 1 << (r - 1).bit_length())
-
-
 def weights_grid(s: AdapterShape, sms: int = H100_SMS) -> tuple[int, int]:
-    """(N splits, r tiles) of the weight-gradient kernel: mirrors _weights_config / adapter_backward in
-    kernels/adapter_block.py (r is tiled by 128 only with LayerNorm and r > 128)."""
-    br = _block_r(s.r)
-    if br <= 64:
-        block_n, block_d, r_tile = 64, 64, br
-    elif not s.ln:
-        block_n, block_d, r_tile = (64, 32, br) if br <= 128 else (32, 32, br)
-    else:
-        block_n, block_d, r_tile = 64, 32, 128
-    n_rtiles = math.ceil(s.r / r_tile)
-    n_dtiles = math.ceil(s.d / block_d)
-    n_chunks = max(1, math.ceil(s.n / block_n))
-    splits = max(1, min(n_chunks, math.ceil(2 * sms / (n_dtiles * n_rtiles))))
-    rows_per_split = math.ceil(n_chunks / splits) * block_n
-    return max(1, math.ceil(s.n / rows_per_split)), n_rtiles
+    """(N splits, r tiles) of the weight-gradient kernel on an H100 (kernels/adapter_block.weights_grid)."""
+    from fastbridge.kernels.adapter_block import weights_grid as launch_grid
+
+    _, (_, splits, n_rtiles), _ = launch_grid(s.n, s.d, s.r, s.ln, sms)
+    return splits, n_rtiles
 
 
 def fused_bytes_as_written(s: AdapterShape, mode: str, sms: int = H100_SMS) -> int:

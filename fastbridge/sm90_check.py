@@ -110,7 +110,7 @@ def adapter_block_configs(arch: int = 90, elem_size: int = 2):
                             stride_xm="i32", stride_dxm="i32")
             yield ("adapter_bwd_rows", cfg, K._adapter_bwd_rows_kernel, rows_sig, flags, warps, stages)
         for has_ln in (False, True):
-            bn, bdw, r_tile, warps_w = K._weights_config(block_r, has_ln, arch, elem_size)
+            bn, bdw, r_tile, warps_w = K._weights_config(block_r, has_ln, arch)
             w_sig = dict(DY=ptr, X=ptr, Z=ptr, DZ=ptr, WD=ptr, LNW=ptr, LNB=ptr, MEAN=f32p, RSTD=f32p, DWU=f32p,
                          DWD=f32p, DBU=f32p, DBD=f32p, DLNW=f32p, DLNB=f32p, N="i32", D="i32", R="i32",
                          stride_dym="i32", stride_xm="i32", rows_per_split="i32")
@@ -173,7 +173,7 @@ def gated_attention_configs(arch: int = 90, elem_size: int = 2):
         yield ("gated_attn_fwd_split", f"D={D} BM={bm} BN={bn} warps={warps}", K._gated_attn_fwd_split_kernel,
                S["fwd_split"], c, warps, stages)
         c = dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_D=bd, DOT_PREC="ieee")
-        cw = K.combine_warps(bm, D, arch, elem_size)
+        cw = K.combine_warps(bm, D)
         yield ("gated_attn_fwd_combine", f"D={D} BM={bm} warps={cw}", K._gated_attn_fwd_combine_kernel,
                S["fwd_combine"], c, cw, 1)
         bcfg = K.bwd_config(D, arch, elem_size)

@@ -335,10 +335,9 @@ def _num_stages(arch: int = H100_ARCH, elem_size: int = 2) -> int:
     return 2 if small_smem(arch, elem_size) else 3
 
 
-def _weights_config(block_r: int, has_ln: bool, arch: int = H100_ARCH,
-                    elem_size: int = 2) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_D, BLOCK_R tile, num_warps) for the weight-gradient kernel; elem_size: bytes per x element
-    (fp32 on 99 KB GPUs: the same tiles, with 2 stages, _num_stages)."""
+def _weights_config(block_r: int, has_ln: bool, arch: int = H100_ARCH) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_D, BLOCK_R tile, num_warps) for the weight-gradient kernel, for every element size (fp32
+    on 99 KB GPUs: the same tiles, with 2 stages, _num_stages)."""
     if pre_hopper(arch):
         # mma.sync: r is tiled by 64 (32 with LayerNorm, whose extra dz·W_down dot and h / x̂ tiles also take
         # 16-row chunks); the H100 tiles spill for r > 64, and for r = 64 with LayerNorm.
@@ -351,6 +350,20 @@ def _weights_config(block_r: int, has_ln: bool, arch: int = H100_ARCH,
     if not has_ln:
         return (64, 32, block_r, 8) if block_r <= 128 else (32, 32, block_r, 8)
     return 64, 32, 128, 8
+
+
+def weights_grid(N: int, D: int, R: int, has_ln: bool, sms: int, arch: int = H100_ARCH):
+    """The weight-gradient kernel's launch (also benchmarks/floors.py's traffic model): its configuration
+    (BLOCK_N, BLOCK_D, r tile, num_warps), grid (d tiles, N splits, r tiles) and rows per N split. N splits:
+    about 2 programs per SM, each a whole number of BLOCK_N chunks."""
+    block_n, block_d, r_tile, warps = _weights_config(pow2_at_least(R), has_ln, arch)
+    n_rtiles = triton.cdiv(R, r_tile)
+    n_dtiles = triton.cdiv(D, block_d)
+    n_chunks = max(1, triton.cdiv(N, block_n))
+    splits = max(1, min(n_chunks, triton.cdiv(2 * sms, n_dtiles * n_rtiles)))
+    rows_per_split = triton.cdiv(n_chunks, splits) * block_n
+    splits = max(1, triton.cdiv(N, rows_per_split))
+    return (block_n, block_d, r_tile, warps), (n_dtiles, splits, n_rtiles), rows_per_split
 
 
 def _contig(*ts):
@@ -420,13 +433,8 @@ def adapter_backward(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, 
             num_stages=stages,
         )
 
-    block_n, block_dw, r_tile, warps_w = _weights_config(block_r, has_ln, arch, elem)
-    n_rtiles = triton.cdiv(R, r_tile)
-    n_dtiles = triton.cdiv(D, block_dw)
-    n_chunks = max(1, triton.cdiv(N, block_n))
-    splits = max(1, min(n_chunks, triton.cdiv(2 * sm_count(dev), n_dtiles * n_rtiles)))
-    rows_per_split = triton.cdiv(n_chunks, splits) * block_n
-    splits = max(1, triton.cdiv(N, rows_per_split))
+    (block_n, block_dw, r_tile, warps_w), (n_dtiles, splits, n_rtiles), rows_per_split = weights_grid(
+        N, D, R, has_ln, sm_count(dev), arch)
     f32 = torch.float32
     p_wu = empty((splits, D, R), f32, dev)
     p_wd = empty((splits, R, D), f32, dev)

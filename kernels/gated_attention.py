@@ -497,9 +497,9 @@ def fwd_config(D: int, Lq: int, arch: int = H100_ARCH, elem_size: int = 2) -> tu
     return block_m, block_n, warps, stages
 
 
-def combine_warps(block_m: int, D: int, arch: int = H100_ARCH, elem_size: int = 2) -> int:
+def combine_warps(block_m: int, D: int) -> int:
     """num_warps of the decode combine kernel (no key loop): 8 for a 128-row tile or D > 128 (every arch and
-    element size)."""
+    element size: it spills or overflows nowhere)."""
     return 8 if block_m == 128 or D > 128 else 4
 
 
@@ -623,7 +623,7 @@ def gated_attention_forward(q, k, v, pk, pv, g, causal, scale, kpm):
         *_s4(q), *_s4(pk, shared), *_s4(pv, shared), *_s4(out),
         H, H // Hkv, Lq, P, D, splits, qk_scale,
         BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, DOT_PREC=prec,
-        num_warps=combine_warps(block_m, D, arch, q.element_size()), num_stages=1,
+        num_warps=combine_warps(block_m, D), num_stages=1,
     )
     return out, lse_m, lse_p
 
