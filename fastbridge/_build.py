@@ -90,12 +90,17 @@ def with_cuda() -> bool:
     return torch.version.cuda is not None and cuda_home() is not None
 
 
+def hash_files(h, root: Path, suffixes) -> None:
+    """Feed every file under ``root`` (recursively) whose suffix is in ``suffixes`` into the hash ``h``: its
+    path relative to root, then its bytes, in sorted order."""
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+
+
 def _source_hash(cuda: bool) -> str:
     h = hashlib.sha256()
-    root = csrc_dir()
-    for path in sorted(p for p in root.iterdir() if p.is_file() and p.suffix in (".h", ".cuh", ".cpp", ".cu", ".txt")):
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
+    hash_files(h, csrc_dir(), (".h", ".cuh", ".cpp", ".cu", ".txt"))
     h.update(repr((cuda, os.environ.get("TORCH_CUDA_ARCH_LIST", ""))).encode())
     return h.hexdigest()
 

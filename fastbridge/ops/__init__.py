@@ -17,12 +17,11 @@ _CACHE_KEY = "torch.ops.fastbridge"
 
 def source_tag(dirs) -> str:
     """A hash of every source file (.py, .h, .cpp, .cu) under ``dirs``: names and contents."""
+    from .._build import hash_files
+
     h = hashlib.sha256()
     for root in dirs:
-        root = Path(root)
-        for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".py", ".h", ".cpp", ".cu")):
-            h.update(str(path.relative_to(root)).encode())
-            h.update(path.read_bytes())
+        hash_files(h, Path(root), (".py", ".h", ".cpp", ".cu"))
     return h.hexdigest()[:16]
 
 
