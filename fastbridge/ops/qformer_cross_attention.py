@@ -165,8 +165,7 @@ def smem_shortfall(dtype: torch.dtype, D: int, backward: bool, allowed: Optional
     return None
 
 
-def _kernel_unavailable(q: Tensor, attn_mask: Optional[Tensor], k: Optional[Tensor] = None,
-                        v: Optional[Tensor] = None) -> Optional[str]:
+def _kernel_unavailable(q: Tensor, attn_mask: Optional[Tensor], k: Tensor, v: Tensor) -> Optional[str]:
     """Why the C++/CUDA kernels cannot serve this call (None: they can). ``k`` / ``v`` tell whether a
     backward will follow (any input requiring grad), whose kernel needs more shared memory."""
     if q.dtype == torch.float64:
@@ -188,7 +187,7 @@ def _kernel_unavailable(q: Tensor, attn_mask: Optional[Tensor], k: Optional[Tens
         D = q.shape[-1]
         if D not in CUDA_HEAD_DIMS or (D == 128 and q.dtype == torch.float32):
             return f"the CUDA kernels support head dims 32, 64 (and 128 in bf16 / fp16), got {D} in {q.dtype}"
-        backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
+        backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         index = q.device.index if q.device.index is not None else torch.cuda.current_device()
         return smem_shortfall(q.dtype, D, backward, _cuda_smem_allowed(index), str(q.device))
     return None
