@@ -38,6 +38,42 @@ def test_kernels_live_in_the_fastbridge_namespace(tmp_path):
     assert origin is not None or hf_kernels is False
 
 
+def _clean_env():
+    return {k_: v for k_, v in os.environ.items() if k_ != "PYTHONPATH"}
+
+
+def test_repo_root_does_not_shadow_hf_kernels():
+    """transformers >= 5.25 imports Hugging Face's `kernels`; started from the repository root (where
+    `python -m pytest`, `python -c`, notebooks put the root on sys.path) the top-level kernels/ folder must
+    not be what `import kernels` finds (it has no __init__.py on purpose, see kernels/README.md)."""
+    assert not (REPO / "kernels" / "__init__.py").exists(), "kernels/__init__.py would shadow HF's `kernels`"
+    code = ("import kernels, importlib.util; "
+            "assert kernels.__file__ is None or not kernels.__file__.startswith(%r), kernels.__file__; "
+            "from transformers import LlamaForCausalLM; "
+            "import fastbridge.kernels.gated_attention as g; print(g.__name__)") % str(REPO / "kernels")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=_clean_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "fastbridge.kernels.gated_attention"
+
+
+def test_python_m_pytest_from_the_repo_root():
+    """`python -m pytest tests/<file>` from the root (sys.path[0] = the root) imports transformers models."""
+    env = {**_clean_env(), "FASTBRIDGE_CHILD_PYTEST": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "tests/test_foundation.py", "-k", "child_imports_transformers_model"],
+                       capture_output=True, text=True, cwd=REPO, env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "1 passed" in r.stdout, r.stdout[-2000:]
+
+
+@pytest.mark.skipif(os.environ.get("FASTBRIDGE_CHILD_PYTEST") != "1", reason="runs inside test_python_m_pytest_from_the_repo_root")
+def test_child_imports_transformers_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, vocab_size=32))
+
+
 def test_compile_caches_are_keyed_by_the_op_sources(tmp_path):
     """torch.compile's on-disk caches key a custom op by name only; fastbridge tags the inductor config
     (part of every cache key) with a hash of the sources defining its ops, so a graph compiled against
@@ -48,7 +84,7 @@ def test_compile_caches_are_keyed_by_the_op_sources(tmp_path):
     from fastbridge.ops import source_tag
 
     ops_dir = Path(fastbridge.ops.__file__).parent
-    want = source_tag([ops_dir, Path(kernels.__file__).parent, _build.csrc_dir()])
+    want = source_tag([ops_dir, *map(Path, kernels.__path__), _build.csrc_dir()])
     assert ic.unsafe_marked_cacheable_functions["torch.ops.fastbridge"] == f"fastbridge {fastbridge.__version__} {want}"
     for name in ("op.py", "kernel.cu", "host.h", "cpu.cpp"):
         (tmp_path / name).write_text("// v1\n")

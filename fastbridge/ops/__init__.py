@@ -35,7 +35,7 @@ def _tag_compile_caches() -> None:
     from .. import kernels  # a namespace package with nothing imported (no triton needed)
     from .._build import ExtensionUnavailable, csrc_dir
 
-    dirs = [Path(__file__).parent, Path(kernels.__file__).parent]
+    dirs = [Path(__file__).parent, *map(Path, kernels.__path__)]
     try:
         dirs.append(csrc_dir())
     except ExtensionUnavailable:  # no C++ sources installed: the C++ ops cannot load either
