@@ -53,3 +53,29 @@ register_integration(Integration(
     patch=_qformer.patch,
     unpatch=_qformer.unpatch,
 ))
+
+
+# Flamingo-style gated cross-attention (transformers): Llama 3.2 Vision (mllama) cross-attention decoder layers and
+# IDEFICS gated cross-attention layers run fastbridge gated_cross_attention with the structured image / tile
+# visibility derived from the model's own masks (integrations/flamingo.py).
+from . import flamingo as _flamingo  # noqa: E402
+
+register_integration(Integration(
+    name=_flamingo.MLLAMA,
+    description="Llama 3.2 Vision (mllama) cross-attention decoder layers (fastbridge gated_cross_attention, "
+                "tanh gate folded, per-tile visibility)",
+    matches=_flamingo.matches_mllama,
+    patch=_flamingo.patch,
+    unpatch=_flamingo.unpatch,
+    patch_model=_flamingo.patch_model,
+    unpatch_model=_flamingo.unpatch_model,
+))
+register_integration(Integration(
+    name=_flamingo.IDEFICS,
+    description="IDEFICS gated cross-attention layers (fastbridge gated_cross_attention, per-image visibility)",
+    matches=_flamingo.matches_idefics,
+    patch=_flamingo.patch,
+    unpatch=_flamingo.unpatch,
+    patch_model=_flamingo.patch_model,
+    unpatch_model=_flamingo.unpatch_model,
+))
