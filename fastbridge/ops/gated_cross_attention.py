@@ -34,8 +34,6 @@ def _kernel_unavailable(q: Tensor, grads: tuple = ()) -> Optional[str]:
     """Why the Triton kernels cannot serve this call (None: they can); ``grads``: the differentiable inputs
     (a backward follows when grad mode is on and one of them requires grad)."""
     reason = _backend.triton_unavailable_reason(q.device)
-    if reason is None:  # TEMPORARY (first commit: API + reference); the kernel follows
-        reason = "the Triton kernel is not written yet"
     if reason is None and q.dtype == torch.float64:
         reason = "the Triton kernel computes in fp32/fp16/bf16, not float64"
     if reason is None and q.shape[-1] > MAX_HEAD_DIM:
