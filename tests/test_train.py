@@ -26,6 +26,8 @@ TRAINED = {
     "adapter": (".adapter.",),
     "llama-adapter": ("adaption_prompt", "adaption_gate", "prompt_generator."),
     "dynamic-prompt": ("adaption_gate", "prompt_generator."),
+    # the "test" size has one cross-attention layer, at index 0 of Mllama's layer list
+    "flamingo": ("language_model.layers.0.", "multi_modal_projector."),
 }
 
 
@@ -174,6 +176,27 @@ def test_demo_test_sized_end_to_end(tmp_path):
     saved = load_file(str(out / "qformer" / "fastbridge" / "bridge.safetensors"))
     assert saved and all(any(k in n for k in TRAINED["qformer"]) for n in saved)
     assert "| llama-adapter |" in r.stdout and "→" in r.stdout
+
+
+def test_flamingo_train_test_sized(tmp_path):
+    """`fastbridge train --bridge flamingo --size test --compare`: the LLaMA base warmed up, Mllama's gated
+    cross-attention layers (tanh gates from zero) trained eager and fused from the same seed, both scored."""
+    out = tmp_path / "flamingo"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's fastbridge, not an install
+    r = _cli(["train", "--bridge", "flamingo", "--size", "test", "--compare", "--no-progress", "--out", str(out)],
+             tmp_path, {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])})
+    assert r.returncode == 0, r.stderr[-4000:]
+    c = json.loads((out / "compare.json").read_text())["comparison"]
+    assert c["patch"] == {"transformers.MllamaCrossAttention": 1}
+    assert c["loss_max_abs_diff"] < 1e-3, c
+    m = json.loads((out / "fastbridge" / "metrics.json").read_text())
+    assert "CIDEr" in m["after"]["caption"] and "accuracy" in m["after"]["vqa"]
+    assert m["before"]["caption"] is not None and len(m["losses"]) == 4
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "fastbridge" / "bridge.safetensors"))
+    assert saved and all(any(k in n for k in TRAINED["flamingo"]) for n in saved)
+    assert any(n.endswith("cross_attn_attn_gate") for n in saved)
 
 
 def test_train_resume_matches_uninterrupted(tmp_path):

@@ -12,10 +12,13 @@ adapter         ``BlipForConditionalGeneration`` + bottleneck adapters   the ada
 llama-adapter   ``CLIPVisionModel`` + ``LlamaForCausalLM`` with fastbridge prompts, gates, visual projection
                 ``AdaptionPromptAttention`` in the top layers            (multimodal LLaMA-Adapter)
 dynamic-prompt  as llama-adapter, prompts generated per image             the prompt generator, gates (LION)
+flamingo        ``MllamaForConditionalGeneration`` (Llama 3.2 Vision):   the gated cross-attention layers
+                the LLaMA's layers with tanh-gated cross-attention       (tanh gates from zero) and the
+                decoder layers interleaved (zero-init gates)             vision → LM projection (Flamingo)
 ============== ======================================================== ====================================
 
 ``fastbridge.patch(model)`` fuses what fastbridge has kernels for (Q-Former attention, adapter blocks,
-gated adaption-prompt attention); ``fastbridge.unpatch(model)`` runs the same parameters through the
+gated adaption-prompt attention, Flamingo gated cross-attention); ``fastbridge.unpatch(model)`` runs the same parameters through the
 plain eager code, which is what ``--compare`` trains against. The ``mlp`` bridge has nothing to fuse.
 
 Sizes: ``SIZES`` holds random-init configurations ("test" for CI, "tiny" for a 2-core CPU, "small" and "base" for a
@@ -25,6 +28,7 @@ access is attempted by fastbridge: pass a directory).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -32,7 +36,7 @@ from torch import Tensor, nn
 
 __all__ = ["BRIDGES", "SIZES", "ModelSize", "BridgeModel", "build_model", "build_language_model"]
 
-BRIDGES = ("qformer", "mlp", "adapter", "llama-adapter", "dynamic-prompt")
+BRIDGES = ("qformer", "mlp", "adapter", "llama-adapter", "dynamic-prompt", "flamingo")
 
 
 @dataclass(frozen=True)
@@ -440,16 +444,152 @@ class AdapterBridge(BridgeModel):
                                        encoder_hidden_states=state).logits
 
 
+# ------------------------------------------------------------------------------------------------ Flamingo
+def _cross_layer_positions(n_lm: int, n_cross: int) -> list[int]:
+    """Where the cross-attention layers go in Mllama's layer list: one before each of ``n_cross`` LLaMA layers
+    spread evenly from the bottom (Flamingo interleaves them every few LM layers)."""
+    before = sorted({(i * n_lm) // n_cross for i in range(n_cross)})
+    return [j + k for k, j in enumerate(before)]
+
+
+class _MllamaVisionTower(nn.Module):
+    """The Mllama vision encoder seen as a plain ``vision(pixel_values=(B, 3, S, S)).last_hidden_state``
+    encoder (one image of one tile per sample; the loop's contrastive warm-up and its cache use this)."""
+
+    def __init__(self, vision: nn.Module) -> None:
+        super().__init__()
+        self.vision = vision
+        self.config = SimpleNamespace(hidden_size=int(vision.config.vision_output_dim))
+
+    def forward(self, pixel_values: Tensor):
+        B = pixel_values.shape[0]
+        ones = torch.ones(B, 1, dtype=torch.long, device=pixel_values.device)
+        out = self.vision(pixel_values=pixel_values[:, None, None], aspect_ratio_ids=ones,
+                          aspect_ratio_mask=ones[:, :, None])
+        h = out.last_hidden_state                                   # (B, 1 image, 1 tile, tokens, vision_output_dim)
+        return type(out)(last_hidden_state=h.reshape(B, h.shape[-2], h.shape[-1]))
+
+
+class FlamingoBridge(BridgeModel):
+    """Flamingo / Llama 3.2 Vision: the frozen LLaMA with gated cross-attention decoder layers interleaved
+    (``MllamaCrossAttentionDecoderLayer``: text queries over the image tokens, ``tanh`` gates initialised at
+    zero, so the untrained model is exactly the LM) and a frozen vision encoder (``MllamaVisionModel``,
+    one tile per image). Trained: the cross-attention layers and the vision → LM projection."""
+
+    bridge = "flamingo"
+
+    def __init__(self, size: ModelSize, tokenizer, pretrained: Optional[str] = None,
+                 base_lm: Optional[str] = None) -> None:
+        super().__init__(size, tokenizer)
+        from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+        if pretrained:
+            self.model = MllamaForConditionalGeneration.from_pretrained(pretrained)
+        else:
+            s = size
+            llama = _llama_config(s, len(tokenizer), self.pad_token_id, self.bos_token_id, self.eos_token_id, 512)
+            n_cross = max(1, min(s.adapter_layers, s.lm_layers))
+            cross = _cross_layer_positions(s.lm_layers, n_cross)
+            # the LLaMA's self-attention layers, exactly (same widths, RoPE, norms), plus the cross layers
+            text = dict(vocab_size=len(tokenizer), hidden_size=s.lm_hidden, intermediate_size=llama.intermediate_size,
+                        num_hidden_layers=s.lm_layers + n_cross, cross_attention_layers=cross,
+                        num_attention_heads=s.lm_heads, num_key_value_heads=s.lm_kv_heads,
+                        rms_norm_eps=llama.rms_norm_eps, rope_parameters=dict(llama.rope_parameters),
+                        max_position_embeddings=512, hidden_act=llama.hidden_act, dropout=0.0, use_cache=False,
+                        pad_token_id=self.pad_token_id, bos_token_id=self.bos_token_id,
+                        eos_token_id=self.eos_token_id, tie_word_embeddings=False)
+            vision = dict(hidden_size=s.vision_hidden, intermediate_size=s.vision_hidden * 4,
+                          num_hidden_layers=s.vision_layers, num_global_layers=1,
+                          attention_heads=s.vision_heads, image_size=s.image_size, patch_size=s.patch_size,
+                          max_num_tiles=1, supported_aspect_ratios=[[1, 1]], intermediate_layers_indices=[0],
+                          vision_output_dim=2 * s.vision_hidden, initializer_range=0.02)
+            self.model = MllamaForConditionalGeneration(MllamaConfig(vision_config=vision, text_config=text,
+                                                                     image_token_index=len(tokenizer)))
+            if base_lm is not None:
+                self._load_llama(base_lm)
+        self.num_image_tokens = int(self.model.model.vision_model.num_patches)
+
+    def _load_llama(self, path: str) -> None:
+        """The warmed-up LlamaForCausalLM's weights into the self-attention layers, embeddings, norm and head."""
+        from transformers import LlamaForCausalLM
+
+        src = LlamaForCausalLM.from_pretrained(path).state_dict()
+        text = self.model.model.language_model
+        self_layers = [i for i in range(len(text.layers)) if i not in text.cross_attention_layers]
+        dst = dict(self.model.named_parameters())
+        done = set()
+        with torch.no_grad():
+            for k, w in src.items():
+                if k.startswith("model.layers."):
+                    j, rest = k[len("model.layers."):].split(".", 1)
+                    if int(j) >= len(self_layers):
+                        raise ValueError(f"fastbridge.train.build_model: base_lm {path!r} has more layers than "
+                                         "this model size")
+                    name = f"model.language_model.layers.{self_layers[int(j)]}.{rest}"
+                elif k == "model.embed_tokens.weight":
+                    name = "model.language_model.embed_tokens.weight"
+                elif k == "model.norm.weight":
+                    name = "model.language_model.norm.weight"
+                elif k == "lm_head.weight":
+                    name = "lm_head.weight"
+                else:
+                    raise ValueError(f"fastbridge.train.build_model: base_lm {path!r}: unexpected weight {k}")
+                if name not in dst or dst[name].shape[1:] != w.shape[1:] or dst[name].shape[0] < w.shape[0]:
+                    raise ValueError(f"fastbridge.train.build_model: base_lm {path!r} does not fit this model size / "
+                                     f"tokenizer ({k} {tuple(w.shape)})")
+                dst[name][: w.shape[0]].copy_(w)  # Mllama's embedding has 8 extra rows (image tokens)
+                done.add(name)
+        missing = [n for n in dst if n.startswith("model.language_model.") and n not in done
+                   and ".layers." in n and int(n.split(".layers.")[1].split(".")[0]) in self_layers]
+        if missing:
+            raise ValueError(f"fastbridge.train.build_model: base_lm {path!r} lacks {missing[:3]}")
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return _MllamaVisionTower(self.model.model.vision_model)
+
+    def _cross_layers(self) -> list[nn.Module]:
+        text = self.model.model.language_model
+        return [text.layers[i] for i in text.cross_attention_layers]
+
+    def freeze_for_bridge(self) -> None:
+        _freeze(self.model)
+        for layer in self._cross_layers():
+            layer.requires_grad_(True)
+        self.model.model.multi_modal_projector.requires_grad_(True)
+
+    def lm_logits(self, input_ids, attention_mask):
+        # text only: Mllama skips the cross-attention layers without vision states (= the LLaMA)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def image_state(self, pixel_values):
+        # MllamaModel.forward's vision side: tokens of the one tile -> multi_modal_projector
+        m = self.model.model
+        feats = _MllamaVisionTower(m.vision_model)(pixel_values).last_hidden_state
+        return m.multi_modal_projector(feats)                            # (B, tokens, lm_hidden)
+
+    def text_logits(self, state, input_ids, attention_mask):
+        # every text token sees the image (Mllama's cross_attention_mask: (B, L, 1 image, 1 tile) of ones)
+        B, L = input_ids.shape
+        cam = torch.ones(B, L, 1, 1, dtype=torch.long, device=input_ids.device)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, cross_attention_states=state,
+                          cross_attention_mask=cam, use_cache=False).logits
+
+
 # ------------------------------------------------------------------------------------------------ factory
 def build_model(bridge: str, tokenizer, *, size="tiny", pretrained: Optional[str] = None,
                 base_lm: Optional[str] = None, seed: int = 0) -> BridgeModel:
     """Build the vision–language model of ``bridge`` (one of BRIDGES) for ``tokenizer``'s vocabulary.
 
     size: a key of SIZES or a ModelSize. pretrained: a local checkpoint directory (qformer:
-    Blip2ForConditionalGeneration; adapter: BlipForConditionalGeneration; mlp / llama-adapter /
+    Blip2ForConditionalGeneration; adapter: BlipForConditionalGeneration; flamingo: MllamaForConditionalGeneration; mlp / llama-adapter /
     dynamic-prompt: a directory with ``vision/`` (CLIPVisionModel) and ``lm/`` (LlamaForCausalLM)).
     base_lm: a LlamaForCausalLM checkpoint directory loaded into the random-init model's language model
-    (the LLaMA-based bridges; e.g. ``build_language_model`` after a warm-up, saved with save_pretrained).
+    (the LLaMA-based bridges, flamingo included; e.g. ``build_language_model`` after a warm-up, saved with save_pretrained).
     The model is returned with everything trainable; call ``freeze_for_bridge()`` to train the bridge only.
     """
     if bridge not in BRIDGES:
@@ -466,5 +606,7 @@ def build_model(bridge: str, tokenizer, *, size="tiny", pretrained: Optional[str
             return QFormerBridge(size, tokenizer, pretrained, base_lm)
         if bridge == "adapter":
             return AdapterBridge(size, tokenizer, pretrained)
+        if bridge == "flamingo":
+            return FlamingoBridge(size, tokenizer, pretrained, base_lm)
         return LlamaBridge(bridge, size, tokenizer, pretrained, base_lm)
 
