@@ -289,3 +289,66 @@ def test_kernel_matches_reference():
     torch.testing.assert_close(loss_k, loss_r, atol=1e-4, rtol=1e-4)
     for n in grads_r:
         torch.testing.assert_close(grads_k[n], grads_r[n], atol=1e-4, rtol=1e-4, msg=lambda s, n=n: f"{n}: {s}")
+
+
+# ----------------------------------------------------------------------------------- compile, checkpointing
+def _layer_call(model, inputs):
+    """A patched cross-attention layer and the arguments the model calls it with."""
+    layer = next(m for m in model.modules() if type(m).__name__.startswith("Fused"))
+    seen = {}
+    h = layer.register_forward_pre_hook(lambda mod, a, kw: seen.setdefault("call", (a, kw)) and None,
+                                        with_kwargs=True)
+    with torch.no_grad():
+        model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
+    h.remove()
+    return layer, seen["call"]
+
+
+@pytest.mark.parametrize("which", ["mllama", "idefics"])
+def test_fused_layer_compiles_without_graph_breaks(which):
+    """torch.compile(fullgraph=True) traces the patched layer: no data-dependent Python branch on the mask."""
+    model, inputs = (build_mllama(), mllama_batch()) if which == "mllama" else (build_idefics(), idefics_batch())
+    with fastbridge.use_backend("reference"):
+        fastbridge.patch(model)
+        layer, (args, kwargs) = _layer_call(model, inputs)
+        with torch.no_grad():
+            expect = layer(*args, **kwargs)
+            got = torch.compile(layer.forward, fullgraph=True, backend="eager")(*args, **kwargs)
+    fastbridge.unpatch(model)
+    torch.testing.assert_close(got, expect, atol=1e-6, rtol=1e-6)
+
+
+def test_compiled_plan_checks_the_mask():
+    """The compiled path cannot fall back: a mask that is not segment-structured at the config's segment
+    length raises (torch._assert_async) instead of computing something else."""
+    mn = torch.finfo(torch.float32).min
+    layer = torch.nn.Module()
+    setattr(layer, flamingo._SEGMENT_HINT, 5)
+    vis = torch.tensor([[[True, False]] * 3])                          # (1, 3, 2 segments)
+    good = torch.where(vis.repeat_interleave(5, -1), 0.0, mn)[:, None]
+    plan = flamingo._compiled_plan(layer, good, 1, 3, 10)
+    assert plan.segment_len == 5 and torch.equal(plan.visibility, vis)
+    bad = good.clone()
+    bad[0, 0, 1, 7] = 0.0                                                # one key of a hidden segment visible
+    with pytest.raises(RuntimeError):
+        flamingo._compiled_plan(layer, bad, 1, 3, 10)
+
+
+def test_gradient_checkpointing_parity():
+    model = build_mllama().train()
+    model.gradient_checkpointing_enable()
+    inputs = mllama_batch(seed=4)
+    with fastbridge.use_backend("reference"):
+        _, loss0, grads0 = run(model, inputs)
+        fastbridge.patch(model)
+        calls = []
+        hook = model.model.language_model.layers[1].cross_attn.q_proj.register_forward_hook(
+            lambda *a: calls.append(1))
+        flamingo.stats.clear()
+        _, loss1, grads1 = run(model, inputs)
+        hook.remove()
+    fastbridge.unpatch(model)
+    assert flamingo.stats == {f"{flamingo.MLLAMA} fused": 1} and len(calls) == 2  # forward + recomputation
+    torch.testing.assert_close(loss1, loss0, atol=2e-6, rtol=1e-6)
+    for n in grads0:
+        torch.testing.assert_close(grads1[n], grads0[n], atol=2e-5, rtol=1e-4, msg=lambda s, n=n: f"{n}: {s}")

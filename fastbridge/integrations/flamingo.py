@@ -106,10 +106,13 @@ def _recording_attentions(kwargs: dict) -> bool:
     collector = getattr(mod, "_active_collector", None)
     if collector is None:
         return False
-    try:
-        active = collector.get()
-    except LookupError:
-        return False
+    if torch.compiler.is_compiling():  # Dynamo cannot trace ContextVar.get; transformers' compiled path is a global
+        active = getattr(collector, "global_var", None) if getattr(collector, "compiling", False) else None
+    else:
+        try:
+            active = collector.get()
+        except LookupError:
+            return False
     return active is not None and "attentions" in active
 
 
