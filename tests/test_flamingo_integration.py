@@ -244,7 +244,13 @@ def test_output_attentions_falls_back():
         flamingo._warned.clear()
         with pytest.warns(FastbridgeFallbackWarning, match="output_attentions"):
             out = model(**inputs, output_attentions=True)
+        # transformers keeps its (now inactive) capturing hooks on the attention modules: fused again after
+        assert model.model.language_model.layers[1].cross_attn._forward_hooks
+        flamingo.stats.clear()
+        again = model(**inputs)
+        assert flamingo.stats == {f"{flamingo.MLLAMA} fused": 1}
     fastbridge.unpatch(model)
+    torch.testing.assert_close(again.logits, ref.logits)
     assert len(out.attentions) == len(ref.attentions) == 3
     torch.testing.assert_close(out.attentions[1], ref.attentions[1])
     torch.testing.assert_close(out.logits, ref.logits)

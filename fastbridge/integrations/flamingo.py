@@ -116,6 +116,15 @@ def _recording_attentions(kwargs: dict) -> bool:
     return active is not None and "attentions" in active
 
 
+# compat: transformers 5.x installs its output-capturing forward hooks (``output_capturing_hook``) on the
+# attention modules for good the first time attentions are requested; they only act while a collector is
+# active, which _recording_attentions sends to the original forward. Any other hook on the inner module does.
+def _foreign_hooks(module: nn.Module) -> bool:
+    if module._forward_pre_hooks:
+        return True
+    return any(getattr(h, "__name__", "") != "output_capturing_hook" for h in module._forward_hooks.values())
+
+
 # compat: Cache.update(keys, values, layer_idx, kwargs=...) in transformers 5.25; (…, cache_kwargs) before.
 def _cache_update(cache, k: Tensor, v: Tensor, layer_idx: int, kwargs: dict):
     try:
@@ -240,7 +249,7 @@ def _common_reason(attn: nn.Module, dropout: float, training: bool, kwargs: dict
         return "attention weights requested (output_attentions)"
     if training and float(dropout or 0.0) > 0.0:
         return "dropout in training"
-    if attn._forward_hooks or attn._forward_pre_hooks or "forward" in attn.__dict__:
+    if _foreign_hooks(attn) or "forward" in attn.__dict__:
         return "hooks or an instance forward on the inner attention module"
     return None
 
