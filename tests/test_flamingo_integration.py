@@ -170,6 +170,27 @@ def test_mllama_training_mode_and_frozen_base():
         torch.testing.assert_close(grads1[n], grads0[n], atol=2e-5, rtol=1e-4, msg=lambda s, n=n: f"{n}: {s}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mllama_half_precision(dtype):
+    """A model in bf16 / fp16 (gate folded in the model's dtype): the same logits and gate gradients within
+    the dtype's rounding."""
+    model = build_mllama().to(dtype)
+    inputs = mllama_batch()
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    with fastbridge.use_backend("reference"):
+        logits0, loss0, grads0 = run(model, inputs)
+        fastbridge.patch(model)
+        logits1, loss1, grads1 = run(model, inputs)
+    fastbridge.unpatch(model)
+    assert logits1.dtype == logits0.dtype == dtype
+    torch.testing.assert_close(logits1.float(), logits0.float(), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(loss1.float(), loss0.float(), atol=0.02, rtol=0.02)
+    for n in grads0:
+        if "gate" in n:
+            torch.testing.assert_close(grads1[n].float(), grads0[n].float(), atol=0.05, rtol=0.05,
+                                       msg=lambda s, n=n: f"{n}: {s}")
+
+
 # ------------------------------------------------------------------------------------------ the masks
 def test_plan_from_mask_is_exact():
     """The structured plan reproduces the dense mask: segments merge where possible, split where needed."""
@@ -281,10 +302,11 @@ def test_pickle_deepcopy_and_fresh_process_lookup():
 
 # -------------------------------------------------------------------------------------------- kernel
 @needs_interpreter
-def test_kernel_matches_reference():
-    """The Triton kernels (interpreter) inside the patched IDEFICS model against the reference backend."""
-    model = build_idefics("float").train()
-    inputs = idefics_batch()
+@pytest.mark.parametrize("which", ["mllama", "idefics"])
+def test_kernel_matches_reference(which):
+    """The Triton kernels (interpreter) inside the patched model (mllama: GQA, tiles) against the reference."""
+    model, inputs = (build_mllama(), mllama_batch()) if which == "mllama" else (build_idefics(), idefics_batch())
+    model.train()
     fastbridge.patch(model)
     with fastbridge.use_backend("kernel"):
         logits_k, loss_k, grads_k = run(model, inputs)
