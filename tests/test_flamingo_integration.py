@@ -277,6 +277,18 @@ def test_output_attentions_falls_back():
     torch.testing.assert_close(out.logits, ref.logits)
 
 
+def test_instance_forward_is_left_alone_and_said():
+    """A layer with an instance-level forward (accelerate's hooks) would shadow the class swap: not patched,
+    not reported as patched, and a one-time warning says so."""
+    model = build_mllama()
+    layer = model.model.language_model.layers[1]
+    layer.forward = layer.forward  # what accelerate's add_hook_to_module does (bound to the original)
+    flamingo._warned.clear()
+    with pytest.warns(FastbridgeFallbackWarning, match="instance-level forward"):
+        fastbridge.patch(model)
+    assert not model.fastbridge_report.counts and type(layer).__module__.startswith("transformers")
+
+
 # --------------------------------------------------------------------------------------- persistence
 def test_pickle_deepcopy_and_fresh_process_lookup():
     model = build_mllama()

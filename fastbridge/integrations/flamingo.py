@@ -169,25 +169,29 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _matches(kind: str, module: nn.Module) -> bool:
+    base = _base_class(kind)
+    if base is None or type(module) is not base:
+        return False
+    if "forward" in module.__dict__ or "_old_forward" in module.__dict__:
+        # an instance forward (accelerate's hooks) would shadow the class swap: say so, leave it alone
+        _warn(kind, "the layer has an instance-level forward (accelerate hook?); left unpatched")
+        return False
+    return True
+
+
 def matches_mllama(module: nn.Module) -> bool:
-    base = _base_class(MLLAMA)
-    return base is not None and type(module) is base
+    return _matches(MLLAMA, module)
 
 
 def matches_idefics(module: nn.Module) -> bool:
-    base = _base_class(IDEFICS)
-    return base is not None and type(module) is base
+    return _matches(IDEFICS, module)
 
 
 def patch(module: nn.Module, **_options) -> None:
     kind = MLLAMA if matches_mllama(module) else IDEFICS if matches_idefics(module) else None
-    if kind is None:
-        return
-    if "forward" in module.__dict__ or "_old_forward" in module.__dict__:
-        # an instance forward (accelerate's hooks) would shadow the class swap: say so, leave it alone
-        _warn(kind, "the layer has an instance-level forward (accelerate hook?); left unpatched")
-        return
-    module.__class__ = _fused_class(kind)
+    if kind is not None:
+        module.__class__ = _fused_class(kind)
 
 
 def unpatch(module: nn.Module) -> None:
