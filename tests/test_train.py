@@ -252,13 +252,13 @@ def test_train_on_coco_karpathy_files(tmp_path):
     assert {e["image_id"] for e in m["after"]["examples"]} == {4, 5}  # the val split is what gets scored
 
 
-@pytest.mark.parametrize("bridge", ["qformer", "mlp"])
+@pytest.mark.parametrize("bridge", ["qformer", "mlp", "flamingo"])
 def test_train_from_local_pretrained_checkpoint(bridge, tokenizer, tmp_path):
     """--pretrained DIR: a local transformers checkpoint (here a saved random one) replaces the random-init
     base and its warm-up; the bridge trains on top."""
     src = build_model(bridge, tokenizer, size="test", seed=5)
     ckpt = tmp_path / "ckpt"
-    if bridge == "qformer":
+    if bridge in ("qformer", "flamingo"):
         src.model.save_pretrained(ckpt)
     else:
         src.vision.save_pretrained(ckpt / "vision")
