@@ -35,8 +35,9 @@ not segment-structured raises instead of falling back).
 
 Fallbacks (the original forward, same results at eager speed, one ``FastbridgeFallbackWarning`` per
 reason; ``stats`` counts each path): attention implementations other than eager / sdpa, attention weights
-being recorded (``output_attentions``), dropout in training, hooks on the inner attention module, masks
-as above.
+being recorded (``output_attentions``), dropout in training, hooks on the inner attention module (other
+than transformers' own inactive output-capturing hooks), masks as above. A layer with an instance-level
+``forward`` (accelerate's hooks) is not patched, with a one-time warning.
 
 ``patch`` swaps the layer's class for a module-level subclass (``FusedMllamaCrossAttentionDecoderLayer``,
 ``FusedIdeficsGatedCrossAttentionLayer``; picklable, deepcopy-able, state dict unchanged); ``unpatch``
