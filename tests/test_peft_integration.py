@@ -492,3 +492,33 @@ def test_torch_save_load_keeps_the_model_patched(tmp_path):
         with torch.no_grad():
             loaded(**inputs)
         assert fb_peft.stats["fused"] == 0
+
+
+def test_hf_trainer_bf16_with_gradient_checkpointing(tmp_path, monkeypatch):
+    """HF Trainer(bf16=True) with gradient checkpointing (use_cache=False, autocast) on the patched model: the
+    first steps run fused in bf16 (they crashed on a q / v dtype mismatch before). The reference backend
+    computes the op here: the Triton interpreter's bf16 dot is wrong (bf16 kernels are tested on CUDA)."""
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    class Tiny(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = torch.randint(3, CFG["vocab_size"], (6,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "attention_mask": torch.ones(6, dtype=torch.long), "labels": ids}
+
+    pm = build("llama")
+    fastbridge.patch(pm)
+    seen = _spy_op_dtypes(monkeypatch)
+    fb_peft.stats.clear()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, bf16=True,
+                             use_cpu=True, gradient_checkpointing=True, report_to=[], logging_steps=1,
+                             save_strategy="no", dataloader_num_workers=0, disable_tqdm=True)
+    with fastbridge.use_backend("reference"):
+        result = Trainer(model=pm, args=args, train_dataset=Tiny()).train()
+    fastbridge.unpatch(pm)
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert fb_peft.stats.get("fused", 0) >= 2 * ADAPTER_LAYERS and not any(k.startswith("fallback") for k in fb_peft.stats), dict(fb_peft.stats)
+    assert seen and set(seen) == {torch.bfloat16}, seen
