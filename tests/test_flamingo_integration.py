@@ -191,6 +191,27 @@ def test_mllama_half_precision(dtype):
                                        msg=lambda s, n=n: f"{n}: {s}")
 
 
+@pytest.mark.parametrize("which", ["mllama", "idefics"])
+def test_autocast_bf16(which):
+    """fp32 model under torch.autocast(bf16): the per-head RMSNorms hand fp32 q / k next to a bf16 v; the
+    attention runs in bf16 as transformers' does, the residual stream stays fp32."""
+    model, inputs = (build_mllama(), mllama_batch()) if which == "mllama" else (build_idefics(), idefics_batch())
+    model.train()
+    with fastbridge.use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits0, loss0, grads0 = run(model, inputs)
+        fastbridge.patch(model)
+        flamingo.stats.clear()
+        logits1, loss1, grads1 = run(model, inputs)
+    fastbridge.unpatch(model)
+    assert sum(flamingo.stats.values()) == sum(v for k, v in flamingo.stats.items() if k.endswith("fused")) > 0
+    assert logits1.dtype == logits0.dtype
+    torch.testing.assert_close(logits1.float(), logits0.float(), atol=0.02, rtol=0.02)
+    torch.testing.assert_close(loss1, loss0, atol=0.01, rtol=0.01)
+    for n in grads0:
+        if "gate" in n or "alpha" in n:
+            torch.testing.assert_close(grads1[n], grads0[n], atol=0.02, rtol=0.05, msg=lambda s, n=n: f"{n}: {s}")
+
+
 # ------------------------------------------------------------------------------------------ the masks
 def test_plan_from_mask_is_exact():
     """The structured plan reproduces the dense mask: segments merge where possible, split where needed."""

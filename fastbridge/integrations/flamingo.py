@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._backend import FastbridgeFallbackWarning
+from . import _compat
 
 __all__ = ["MLLAMA", "IDEFICS", "matches_mllama", "matches_idefics", "patch", "unpatch", "patch_model",
            "unpatch_model", "stats"]
@@ -85,15 +86,12 @@ _warned: set[tuple[str, str]] = set()
 
 
 # --------------------------------------------------------------------------------------------- compat
-# compat: transformers >= 5.24 names the layer's cache argument ``cache`` (``past_key_values`` before,
-# still accepted through its deprecate_kwarg decorator); take whichever came in.
 def _cache_arg(cache, kwargs: dict):
+    """The KV cache the layer received under any spelling (integrations/_compat.py); removed from kwargs."""
     if cache is None:
-        cache = kwargs.pop("past_key_values", None)
-        if cache is None:
-            cache = kwargs.pop("past_key_value", None)
-    else:
-        kwargs.pop("past_key_values", None)
+        _, cache = _compat.get_cache(kwargs)
+    for name in _compat.CACHE_KWARGS:
+        kwargs.pop(name, None)
     return cache
 
 
@@ -124,14 +122,6 @@ def _foreign_hooks(module: nn.Module) -> bool:
     if module._forward_pre_hooks:
         return True
     return any(getattr(h, "__name__", "") != "output_capturing_hook" for h in module._forward_hooks.values())
-
-
-# compat: Cache.update(keys, values, layer_idx, kwargs=...) in transformers 5.25; (…, cache_kwargs) before.
-def _cache_update(cache, k: Tensor, v: Tensor, layer_idx: int, kwargs: dict):
-    try:
-        return cache.update(k, v, layer_idx, kwargs=kwargs)
-    except TypeError:
-        return cache.update(k, v, layer_idx)
 
 
 # compat: the cached cross-attention keys / values of layer ``layer_idx`` (cache.layers[i] in 5.x).
@@ -345,7 +335,13 @@ def _plan_for(module: nn.Module, mask, B: int, Lq: int, Lk: int):
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, plan: _Plan, gate: Optional[Tensor], scale: float) -> Tensor:
     from ..ops import gated_cross_attention
+    from ..ops._autocast import autocast_dtype
 
+    # under autocast transformers' attention runs its matmuls in the autocast dtype, whatever q / k / v
+    # arrive in (the per-head RMSNorms hand back fp32 q / k with fp32 weights): the op does the same
+    dt = autocast_dtype(q)
+    if dt is not None:
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if plan.lk is not None and k.shape[2] != plan.lk:
         raise RuntimeError(f"fastbridge: the cross-attention mask covers {plan.lk} keys but the layer has "
                            f"{k.shape[2]} vision keys")
@@ -379,8 +375,8 @@ def _mllama_forward(self, hidden_states, cross_attention_states=None, cross_atte
         return _fallback(self, reason, (hidden_states,), dict(
             cross_attention_states=cross_attention_states, cross_attention_mask=cross_attention_mask,
             attention_mask=attention_mask, full_text_row_masked_out_mask=full_text_row_masked_out_mask,
-            position_ids=position_ids, cache=cache, use_cache=use_cache, position_embeddings=position_embeddings,
-            **kwargs))
+            position_ids=position_ids, use_cache=use_cache, position_embeddings=position_embeddings,
+            **{_compat.cache_keyword(): cache}, **kwargs))
 
     residual = hidden_states
     h = self.input_layernorm(hidden_states)
@@ -391,7 +387,7 @@ def _mllama_forward(self, hidden_states, cross_attention_states=None, cross_atte
         v = attn.v_proj(cross_attention_states).view(B, -1, Hkv, D).transpose(1, 2)
         k = attn.k_norm(k)
         if cache is not None:
-            k, v = _cache_update(cache, k, v, attn.layer_idx, kwargs)
+            k, v = _compat.update_cache(cache, _compat.cache_keyword(), k, v, attn.layer_idx, kwargs)
     else:
         k, v = _cached_kv(cache, attn.layer_idx)
     gate = self.cross_attn_attn_gate
@@ -419,7 +415,8 @@ def _idefics_forward(self, hidden_states, attention_mask=None, image_hidden_stat
     if image_hidden_states is None or cross_attention_gate is None or cache is not None:
         # transformers raises a ValueError / NotImplementedError for these: let it
         return type(self)._fastbridge_base.forward(self, hidden_states, attention_mask, image_hidden_states,
-                                                   image_attention_mask, cross_attention_gate, cache=cache, **kwargs)
+                                                   image_attention_mask, cross_attention_gate,
+                                                   **{_compat.cache_keyword(): cache}, **kwargs)
     reason = None
     if not (isinstance(self.act_cross_attn, nn.Tanh) and isinstance(self.act_dense, nn.Tanh)):
         reason = "gate activations other than tanh"
@@ -437,8 +434,8 @@ def _idefics_forward(self, hidden_states, attention_mask=None, image_hidden_stat
     if reason is not None:
         return _fallback(self, reason, (hidden_states,), dict(
             attention_mask=attention_mask, image_hidden_states=image_hidden_states,
-            image_attention_mask=image_attention_mask, cross_attention_gate=cross_attention_gate, cache=cache,
-            **kwargs))
+            image_attention_mask=image_attention_mask, cross_attention_gate=cross_attention_gate,
+            **{_compat.cache_keyword(): cache}, **kwargs))
 
     residual = hidden_states
     h = self.input_layernorm(hidden_states)
