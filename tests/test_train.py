@@ -182,7 +182,7 @@ def test_flamingo_train_test_sized(tmp_path):
     """`fastbridge train --bridge flamingo --size test --compare`: the LLaMA base warmed up, Mllama's gated
     cross-attention layers (tanh gates from zero) trained eager and fused from the same seed, both scored."""
     out = tmp_path / "flamingo"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's fastbridge, not an install
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's fastbridge
     r = _cli(["train", "--bridge", "flamingo", "--size", "test", "--compare", "--no-progress", "--out", str(out)],
              tmp_path, {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])})
     assert r.returncode == 0, r.stderr[-4000:]

@@ -18,8 +18,8 @@ flamingo        ``MllamaForConditionalGeneration`` (Llama 3.2 Vision):   the gat
 ============== ======================================================== ====================================
 
 ``fastbridge.patch(model)`` fuses what fastbridge has kernels for (Q-Former attention, adapter blocks,
-gated adaption-prompt attention, Flamingo gated cross-attention); ``fastbridge.unpatch(model)`` runs the same parameters through the
-plain eager code, which is what ``--compare`` trains against. The ``mlp`` bridge has nothing to fuse.
+gated adaption-prompt attention, Flamingo gated cross-attention); ``fastbridge.unpatch(model)`` runs the
+same parameters through the plain eager code, which is what ``--compare`` trains against. The ``mlp`` bridge has nothing to fuse.
 
 Sizes: ``SIZES`` holds random-init configurations ("test" for CI, "tiny" for a 2-core CPU, "small" and "base" for a
 GPU). ``pretrained=`` loads a local transformers checkpoint of the matching class instead (no hub
@@ -586,10 +586,12 @@ def build_model(bridge: str, tokenizer, *, size="tiny", pretrained: Optional[str
     """Build the vision–language model of ``bridge`` (one of BRIDGES) for ``tokenizer``'s vocabulary.
 
     size: a key of SIZES or a ModelSize. pretrained: a local checkpoint directory (qformer:
-    Blip2ForConditionalGeneration; adapter: BlipForConditionalGeneration; flamingo: MllamaForConditionalGeneration; mlp / llama-adapter /
-    dynamic-prompt: a directory with ``vision/`` (CLIPVisionModel) and ``lm/`` (LlamaForCausalLM)).
+    Blip2ForConditionalGeneration; adapter: BlipForConditionalGeneration; flamingo:
+    MllamaForConditionalGeneration; mlp / llama-adapter / dynamic-prompt: a directory with ``vision/``
+    (CLIPVisionModel) and ``lm/`` (LlamaForCausalLM)).
     base_lm: a LlamaForCausalLM checkpoint directory loaded into the random-init model's language model
-    (the LLaMA-based bridges, flamingo included; e.g. ``build_language_model`` after a warm-up, saved with save_pretrained).
+    (the LLaMA-based bridges, flamingo included: its self-attention layers; e.g. ``build_language_model``
+    after a warm-up, saved with save_pretrained).
     The model is returned with everything trainable; call ``freeze_for_bridge()`` to train the bridge only.
     """
     if bridge not in BRIDGES:
