@@ -18,6 +18,7 @@ SIGNATURES = {
     "fwd": dict(Q=_P, K=_P, V=_P, VIS="*u8", STATE="*i8", G=_F, OUT=_P, LSE=_F,
                 **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som", "H",
                        "GROUP", "Lq", "D", "S", "SEG", "n_tiles"), qk_scale="fp32"),
+    "tile_state": dict(VIS="*u8", STATE="*i8", **_i32("Lq", "S", "n_tiles")),
     "pre": dict(OUT=_P, DO=_P, DELTA=_F, **_i32("sob", "soh", "som", "sdob", "sdoh", "sdom", "H", "Lq", "D")),
     "dkdv": dict(Q=_P, K=_P, V=_P, DO=_P, VIS="*u8", STATE="*i8", G=_F, LSE=_F, DELTA=_F, DK=_P, DV=_P,
                  **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sdob", "sdoh", "sdom",
@@ -36,6 +37,9 @@ def configs(arch: int = 90, elem_size: int = 2):
 
     S = SIGNATURES
     seg = 1601
+    for bm in (16, 32, 64, 128):  # every query-tile height the launchers use; DOT_PREC unused (uniform signature)
+        yield ("gca_tile_state", f"BM={bm} BS=32 warps=4", K._tile_state_kernel, S["tile_state"],
+               dict(BLOCK_M=bm, BLOCK_S=32, DOT_PREC="ieee"), 4, 1)
     for D in (16, 32, 64, 128, 256):
         bd = K.pow2_at_least(D)
         for Lq in (4096, 64, 1):

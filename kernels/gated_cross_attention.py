@@ -324,17 +324,49 @@ def key_block(block_n: int, seg: int) -> int:
     return min(block_n, pow2_at_least(seg))
 
 
-def tile_state(vis: torch.Tensor | None, block_m: int) -> tuple[torch.Tensor | None, int]:
-    """STATE (B, n_tiles, S) int8 for query tiles of block_m rows: 0 = no row sees the segment, 1 = some do,
-    2 = all do (rows past Lq count as seeing). O(B·Lq·S) bytes of work, never Lq x Lk."""
-    if vis is None:
-        return None, 0
+@triton.jit
+def _tile_state_kernel(VIS, STATE, Lq, S, n_tiles, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+                       DOT_PREC: tl.constexpr):
+    """STATE[b, t, s] = any + (any & all) over the rows of query tile t of VIS[b, :, s] (rows past Lq: seeing)."""
+    t = tl.program_id(0)
+    b64 = tl.program_id(1).to(tl.int64)
+    offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_rows = offs_m < Lq
+    for s0 in range(0, S, BLOCK_S):
+        cols = s0 + tl.arange(0, BLOCK_S)
+        mask_s = cols < S
+        v = tl.load(VIS + (b64 * Lq + offs_m[:, None]) * S + cols[None, :], mask=in_rows[:, None] & mask_s[None, :],
+                    other=0) != 0
+        any_ = tl.max(v.to(tl.int32), 0)
+        all_ = tl.min((v | (offs_m >= Lq)[:, None]).to(tl.int32), 0)
+        tl.store(STATE + (b64 * n_tiles + t) * S + cols, (any_ + (any_ & all_)).to(tl.int8), mask=mask_s)
+
+
+def tile_state_reference(vis: torch.Tensor, block_m: int) -> torch.Tensor:
+    """What _tile_state_kernel computes, in torch (tests)."""
     B, Lq, S = vis.shape
     n_tiles = triton.cdiv(Lq, block_m)
     pad = n_tiles * block_m - Lq
     any_ = F.pad(vis, (0, 0, 0, pad), value=False).view(B, n_tiles, block_m, S).any(2)
     all_ = F.pad(vis, (0, 0, 0, pad), value=True).view(B, n_tiles, block_m, S).all(2)
-    return (any_.to(torch.int8) + (any_ & all_).to(torch.int8)).contiguous(), n_tiles
+    return any_.to(torch.int8) + (any_ & all_).to(torch.int8)
+
+
+def tile_state(vis: torch.Tensor | None, block_m: int, vis_u8: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor | None, int]:
+    """STATE (B, n_tiles, S) int8 for query tiles of block_m rows: 0 = no row sees the segment, 1 = some do,
+    2 = all do (rows past Lq count as seeing). One small kernel, O(B·Lq·S) bytes read, never Lq x Lk.
+    Call under the tensors' device guard; vis_u8: vis already as contiguous uint8."""
+    if vis is None:
+        return None, 0
+    B, Lq, S = vis.shape
+    n_tiles = triton.cdiv(Lq, block_m)
+    state = torch.empty((B, n_tiles, S), dtype=torch.int8, device=vis.device)  # every entry written
+    if state.numel():
+        u8 = vis_u8 if vis_u8 is not None else vis.contiguous().view(torch.uint8)
+        _tile_state_kernel[(n_tiles, B)](u8, state, Lq, S, n_tiles, BLOCK_M=block_m,
+                                         BLOCK_S=min(pow2_at_least(S, 1), 32), DOT_PREC="ieee", num_warps=4)
+    return state, n_tiles
 
 
 def _vis_arg(vis, dummy):
@@ -357,10 +389,10 @@ def gated_cross_attention_forward(q, k, v, vis, seg, g, scale):
     S, SEG = _segments(vis, Lk, seg)
     block_m, block_n, warps, stages = fwd_config(D, Lq, device_arch(q.device), q.element_size())
     block_n = key_block(block_n, SEG)
-    state, n_tiles = tile_state(vis, block_m)
     vis_t, has_vis = _vis_arg(vis, q)
     g_t = g.float().contiguous() if g is not None else q
     with _device_guard(q):
+        state, n_tiles = tile_state(vis, block_m, vis_t if has_vis else None)
         _gca_fwd_kernel[(triton.cdiv(Lq, block_m), B * H)](
             q, k, v, vis_t, state if state is not None else q, g_t, out, lse,
             *_s3(q), *_s3(k), *_s3(v), *_s3(out),
@@ -403,7 +435,7 @@ def gated_cross_attention_backward(dout, q, k, v, vis, seg, g, out, lse, scale):
 
         block_m, block_n, warps, stages = cfg["dkdv"]
         block_n = key_block(block_n, SEG)
-        state, n_tiles = tile_state(vis, block_m)
+        state, n_tiles = tile_state(vis, block_m, vis_t if has_vis else None)
         blocks_per_seg = triton.cdiv(SEG, block_n)
         _gca_bwd_dkdv_kernel[(S * blocks_per_seg, B * Hkv)](
             q, k, v, dout, vis_t, state if state is not None else q, g_t, lse, delta, dk, dv,
@@ -415,7 +447,7 @@ def gated_cross_attention_backward(dout, q, k, v, vis, seg, g, out, lse, scale):
 
         block_m, block_n, warps, stages = cfg["dq"]
         block_n = key_block(block_n, SEG)
-        state, n_tiles = tile_state(vis, block_m)
+        state, n_tiles = tile_state(vis, block_m, vis_t if has_vis else None)
         q_tiles = triton.cdiv(Lq, block_m)
         dg_part = empty((q_tiles, B * H), torch.float32, dev) if has_gate else dg_empty
         _gca_bwd_dq_kernel[(q_tiles, B * H)](

@@ -223,15 +223,23 @@ def test_torch_compile_fullgraph(gate):
         torch.testing.assert_close(a, b)
 
 
+@needs_kernels
 def test_tile_state():
-    from fastbridge.kernels.gated_cross_attention import tile_state
+    from fastbridge.kernels.gated_cross_attention import tile_state, tile_state_reference
 
+    device = kernel_devices()[0]
     vis = torch.zeros(1, 5, 3, dtype=torch.bool)
     vis[0, :, 0] = True          # every row: 2 in both tiles (rows past Lq count as seeing)
     vis[0, 1, 1] = True          # one row of tile 0: 1; tile 1: 0
-    state, n_tiles = tile_state(vis, 4)
+    state, n_tiles = tile_state(vis.to(device), 4)
     assert n_tiles == 2
     assert state.tolist() == [[[2, 1, 0], [2, 0, 0]]]
+    g = torch.Generator().manual_seed(0)
+    for B, Lq, S, bm in ((2, 37, 3, 16), (3, 70, 40, 32), (1, 9, 1, 64)):  # S past the kernel's 32-column block
+        vis = torch.rand(B, Lq, S, generator=g) > 0.3
+        vis[0, :, 0] = True
+        vis[-1, Lq // 2] = False
+        assert torch.equal(tile_state(vis.to(device), bm)[0].cpu(), tile_state_reference(vis, bm))
 
 
 def test_reference_matches_a_loop():
