@@ -35,8 +35,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import device_arch, dot_precision, empty, pow2_at_least
-from .gated_attention import bwd_config, fwd_config
+from . import gated_attention as _GA
+from ._common import device_arch, dot_precision, empty, pow2_at_least, pre_hopper, small_smem
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -59,8 +59,8 @@ def _segment_state(STATE, b64, tile, n_tiles, s, S, HAS_VIS: tl.constexpr):
 
 
 @triton.jit
-def _fwd_pass(q, k_base, v_base, skn, svn, lo, hi, acc, m_i, l_i, row_vis, offs_d, mask_d, qk_scale,
-              MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+def _fwd_pass(q, k_base, v_base, skn, svn, lo, hi, acc, m_i, l_i, vis_base, S, offs_m, mask_m, offs_d, mask_d,
+              qk_scale, MASKED: tl.constexpr, HAS_VIS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     """Online softmax over keys [lo, hi) of one segment, continuing (acc, m, l). MASKED=False: every row
     sees the segment and the range is whole blocks (no per-element mask at all)."""
     for n0 in range(lo, hi, BLOCK_N):
@@ -73,6 +73,9 @@ def _fwd_pass(q, k_base, v_base, skn, svn, lo, hi, acc, m_i, l_i, row_vis, offs_
             k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=mask_d[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if MASKED:
+            row_vis = mask_m
+            if HAS_VIS:  # vis_base: VIS + b·Lq·S + segment; every key of the segment shares it
+                row_vis = (tl.load(vis_base + offs_m * S, mask=mask_m, other=0) != 0) & mask_m
             s = tl.where(row_vis[:, None] & mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -118,18 +121,19 @@ def _gca_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for s in range(0, S):
-        state = _segment_state(STATE, b64, pid_m, n_tiles, s, S, HAS_VIS)
-        if state > 0:
-            lo = s * SEG
-            hi = lo + SEG
-            mid = lo + SEG // BLOCK_N * BLOCK_N  # whole blocks: unmasked when every row sees the segment
-            if HAS_VIS:
-                mid = tl.where(state == 2, mid, lo)
-            row_vis = _row_visibility(VIS, b64 * Lq, offs_m, mask_m, s, S, HAS_VIS)
-            acc, m_i, l_i = _fwd_pass(q, k_base, v_base, skn, svn, lo, mid, acc, m_i, l_i, row_vis, offs_d, mask_d,
-                                      qk_scale, False, BLOCK_N, DOT_PREC)
-            acc, m_i, l_i = _fwd_pass(q, k_base, v_base, skn, svn, mid, hi, acc, m_i, l_i, row_vis, offs_d, mask_d,
-                                      qk_scale, True, BLOCK_N, DOT_PREC)
+        # A segment no row of the tile sees gets an empty key range (lo == hi): skipped, no branch.
+        lo = s * SEG
+        hi = lo + SEG
+        mid = lo + SEG // BLOCK_N * BLOCK_N  # whole blocks: unmasked when every row sees the segment
+        if HAS_VIS:
+            state = _segment_state(STATE, b64, pid_m, n_tiles, s, S, HAS_VIS)
+            hi = tl.where(state > 0, hi, lo)
+            mid = tl.where(state == 2, mid, lo)
+        vis_base = VIS + b64 * Lq * S + s
+        acc, m_i, l_i = _fwd_pass(q, k_base, v_base, skn, svn, lo, mid, acc, m_i, l_i, vis_base, S, offs_m, mask_m,
+                                  offs_d, mask_d, qk_scale, False, HAS_VIS, BLOCK_N, DOT_PREC)
+        acc, m_i, l_i = _fwd_pass(q, k_base, v_base, skn, svn, mid, hi, acc, m_i, l_i, vis_base, S, offs_m, mask_m,
+                                  offs_d, mask_d, qk_scale, True, HAS_VIS, BLOCK_N, DOT_PREC)
     has_keys = l_i > 0.0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if HAS_GATE:
@@ -143,9 +147,9 @@ def _gca_fwd_kernel(
 @triton.jit
 def _gca_bwd_pre_kernel(
     OUT, DO, DELTA, sob, soh, som, sdob, sdoh, sdom, H, Lq, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Δ = rowsum(dout · out) in fp32."""
+    """Δ = rowsum(dout · out) in fp32 (no dot: DOT_PREC only keeps the launch signature uniform)."""
     pid_bh = tl.program_id(1)
     b64 = (pid_bh // H).to(tl.int64)
     h64 = (pid_bh % H).to(tl.int64)
@@ -273,6 +277,34 @@ def _gca_bwd_dq_kernel(
 # Launchers. The tile configurations are gated_attention's (fwd_config / bwd_config): the same loop bodies
 # less the prefix branch; python -m fastbridge.sm90_check compiles them for this kernel too.
 # --------------------------------------------------------------------------------------------------
+def fwd_config(D: int, Lq: int, arch: int, elem_size: int = 2) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): gated_attention's forward tiles (kernels/gated_attention.py:
+    fwd_config), except where this kernel's segment loop makes ptxas spill (Triton 3.9, 2-byte inputs; python -m
+    fastbridge.sm90_check --arch all): the decode tile at D > 64 on every arch, and a few entries before Hopper.
+    Those get the neighbour that compiles without a stack frame. fp32 keeps gated_attention's (spills allowed)."""
+    block_m, block_n, warps, stages = _GA.fwd_config(D, Lq, arch, elem_size)
+    if block_m == 16 and elem_size == 2:  # decode tile, every arch
+        if D > 128:
+            block_n = 16
+        elif D > 64:
+            stages = 1
+    elif pre_hopper(arch) and elem_size == 2:
+        if arch < 86 and 16 < D <= 32:  # sm_80
+            block_n = 32
+        elif small_smem(arch, 4) and D > 128:  # sm_86 / sm_89 (99 KB): 4 warps on the 32-row tile
+            warps = 4
+    return block_m, block_n, warps, stages
+
+
+def bwd_config(D: int, arch: int, elem_size: int = 2) -> dict[str, tuple[int, int, int, int]]:
+    """Per backward kernel (pre, dkdv, dq): gated_attention's backward tiles (its bwd_config), except the
+    entries that spill here before Hopper (2-byte inputs), as fwd_config."""
+    cfg = dict(_GA.bwd_config(D, arch, elem_size))
+    if pre_hopper(arch) and elem_size == 2 and D <= 16:
+        cfg["dkdv"] = (32, 32, 4, 2)
+    return cfg
+
+
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -292,17 +324,49 @@ def key_block(block_n: int, seg: int) -> int:
     return min(block_n, pow2_at_least(seg))
 
 
-def tile_state(vis: torch.Tensor | None, block_m: int) -> tuple[torch.Tensor | None, int]:
-    """STATE (B, n_tiles, S) int8 for query tiles of block_m rows: 0 = no row sees the segment, 1 = some do,
-    2 = all do (rows past Lq count as seeing). O(B·Lq·S) bytes of work, never Lq x Lk."""
-    if vis is None:
-        return None, 0
+@triton.jit
+def _tile_state_kernel(VIS, STATE, Lq, S, n_tiles, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+                       DOT_PREC: tl.constexpr):
+    """STATE[b, t, s] = any + (any & all) over the rows of query tile t of VIS[b, :, s] (rows past Lq: seeing)."""
+    t = tl.program_id(0)
+    b64 = tl.program_id(1).to(tl.int64)
+    offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_rows = offs_m < Lq
+    for s0 in range(0, S, BLOCK_S):
+        cols = s0 + tl.arange(0, BLOCK_S)
+        mask_s = cols < S
+        v = tl.load(VIS + (b64 * Lq + offs_m[:, None]) * S + cols[None, :], mask=in_rows[:, None] & mask_s[None, :],
+                    other=0) != 0
+        any_ = tl.max(v.to(tl.int32), 0)
+        all_ = tl.min((v | (offs_m >= Lq)[:, None]).to(tl.int32), 0)
+        tl.store(STATE + (b64 * n_tiles + t) * S + cols, (any_ + (any_ & all_)).to(tl.int8), mask=mask_s)
+
+
+def tile_state_reference(vis: torch.Tensor, block_m: int) -> torch.Tensor:
+    """What _tile_state_kernel computes, in torch (tests)."""
     B, Lq, S = vis.shape
     n_tiles = triton.cdiv(Lq, block_m)
     pad = n_tiles * block_m - Lq
     any_ = F.pad(vis, (0, 0, 0, pad), value=False).view(B, n_tiles, block_m, S).any(2)
     all_ = F.pad(vis, (0, 0, 0, pad), value=True).view(B, n_tiles, block_m, S).all(2)
-    return (any_.to(torch.int8) + (any_ & all_).to(torch.int8)).contiguous(), n_tiles
+    return any_.to(torch.int8) + (any_ & all_).to(torch.int8)
+
+
+def tile_state(vis: torch.Tensor | None, block_m: int, vis_u8: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor | None, int]:
+    """STATE (B, n_tiles, S) int8 for query tiles of block_m rows: 0 = no row sees the segment, 1 = some do,
+    2 = all do (rows past Lq count as seeing). One small kernel, O(B·Lq·S) bytes read, never Lq x Lk.
+    Call under the tensors' device guard; vis_u8: vis already as contiguous uint8."""
+    if vis is None:
+        return None, 0
+    B, Lq, S = vis.shape
+    n_tiles = triton.cdiv(Lq, block_m)
+    state = torch.empty((B, n_tiles, S), dtype=torch.int8, device=vis.device)  # every entry written
+    if state.numel():
+        u8 = vis_u8 if vis_u8 is not None else vis.contiguous().view(torch.uint8)
+        _tile_state_kernel[(n_tiles, B)](u8, state, Lq, S, n_tiles, BLOCK_M=block_m,
+                                         BLOCK_S=min(pow2_at_least(S, 1), 32), DOT_PREC="ieee", num_warps=4)
+    return state, n_tiles
 
 
 def _vis_arg(vis, dummy):
@@ -325,10 +389,10 @@ def gated_cross_attention_forward(q, k, v, vis, seg, g, scale):
     S, SEG = _segments(vis, Lk, seg)
     block_m, block_n, warps, stages = fwd_config(D, Lq, device_arch(q.device), q.element_size())
     block_n = key_block(block_n, SEG)
-    state, n_tiles = tile_state(vis, block_m)
     vis_t, has_vis = _vis_arg(vis, q)
     g_t = g.float().contiguous() if g is not None else q
     with _device_guard(q):
+        state, n_tiles = tile_state(vis, block_m, vis_t if has_vis else None)
         _gca_fwd_kernel[(triton.cdiv(Lq, block_m), B * H)](
             q, k, v, vis_t, state if state is not None else q, g_t, out, lse,
             *_s3(q), *_s3(k), *_s3(v), *_s3(out),
@@ -366,12 +430,12 @@ def gated_cross_attention_backward(dout, q, k, v, vis, seg, g, out, lse, scale):
         block_m, _, warps, stages = cfg["pre"]
         _gca_bwd_pre_kernel[(triton.cdiv(Lq, block_m), B * H)](
             out, dout, delta, *_s3(out), *_s3(dout), H, Lq, D,
-            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps, num_stages=1,
+            BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps, num_stages=1,
         )
 
         block_m, block_n, warps, stages = cfg["dkdv"]
         block_n = key_block(block_n, SEG)
-        state, n_tiles = tile_state(vis, block_m)
+        state, n_tiles = tile_state(vis, block_m, vis_t if has_vis else None)
         blocks_per_seg = triton.cdiv(SEG, block_n)
         _gca_bwd_dkdv_kernel[(S * blocks_per_seg, B * Hkv)](
             q, k, v, dout, vis_t, state if state is not None else q, g_t, lse, delta, dk, dv,
@@ -383,7 +447,7 @@ def gated_cross_attention_backward(dout, q, k, v, vis, seg, g, out, lse, scale):
 
         block_m, block_n, warps, stages = cfg["dq"]
         block_n = key_block(block_n, SEG)
-        state, n_tiles = tile_state(vis, block_m)
+        state, n_tiles = tile_state(vis, block_m, vis_t if has_vis else None)
         q_tiles = triton.cdiv(Lq, block_m)
         dg_part = empty((q_tiles, B * H), torch.float32, dev) if has_gate else dg_empty
         _gca_bwd_dq_kernel[(q_tiles, B * H)](

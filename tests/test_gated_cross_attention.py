@@ -223,15 +223,23 @@ def test_torch_compile_fullgraph(gate):
         torch.testing.assert_close(a, b)
 
 
+@needs_kernels
 def test_tile_state():
-    from fastbridge.kernels.gated_cross_attention import tile_state
+    from fastbridge.kernels.gated_cross_attention import tile_state, tile_state_reference
 
+    device = kernel_devices()[0]
     vis = torch.zeros(1, 5, 3, dtype=torch.bool)
     vis[0, :, 0] = True          # every row: 2 in both tiles (rows past Lq count as seeing)
     vis[0, 1, 1] = True          # one row of tile 0: 1; tile 1: 0
-    state, n_tiles = tile_state(vis, 4)
+    state, n_tiles = tile_state(vis.to(device), 4)
     assert n_tiles == 2
     assert state.tolist() == [[[2, 1, 0], [2, 0, 0]]]
+    g = torch.Generator().manual_seed(0)
+    for B, Lq, S, bm in ((2, 37, 3, 16), (3, 70, 40, 32), (1, 9, 1, 64)):  # S past the kernel's 32-column block
+        vis = torch.rand(B, Lq, S, generator=g) > 0.3
+        vis[0, :, 0] = True
+        vis[-1, Lq // 2] = False
+        assert torch.equal(tile_state(vis.to(device), bm)[0].cpu(), tile_state_reference(vis, bm))
 
 
 def test_reference_matches_a_loop():
@@ -304,3 +312,25 @@ def test_bad_scale_names_the_argument():
     t, kw = _good()
     with pytest.raises(ValueError, match="'scale' must be None or a positive float"):
         gated_cross_attention(t["q"], t["k"], t["v"], kw["visibility"], segment_len=7, scale=-1.0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", [80, 89])
+def test_pre_hopper_configurations_compute_correctly(arch, monkeypatch):
+    """The tiles picked for sm_80 / sm_89 (kernels/gated_cross_attention.py: fwd_config / bwd_config overrides)
+    run in the interpreter too: D = 32 (sm_80's 32-key forward tile) and D = 16 (the 32x32 dkdv tile)."""
+    from fastbridge.kernels import gated_cross_attention as K
+
+    device = kernel_devices()[0]
+    if device != "cpu":
+        pytest.skip("the interpreter picks the configurations of the arch it is told; on CUDA the real arch decides")
+    monkeypatch.setattr(K, "device_arch", lambda dev: arch)
+    assert K.fwd_config(32, 100, 80) == (128, 32, 8, 2) and K.bwd_config(16, 89)["dkdv"] == (32, 32, 4, 2)
+    for D in (32, 16):
+        t, kw = make_inputs(2, 2, 1, 70, 2, 37, D, dict(vis="random", gate=(2,)), torch.float16, device)
+        dout = _dout(2, 2, 70, D, torch.float16, device)
+        out, grads = run(t, kw, dout, "kernel")
+        out64, g64 = reference64(t, kw, dout)
+        assert_close(out, out64, torch.float16, f"out D={D}")
+        for n in grads:
+            assert_close(grads[n], g64[n], torch.float16, f"d{n} D={D}")
