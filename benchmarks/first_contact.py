@@ -67,7 +67,9 @@ MAX_DEPTH = 2  # folders below $OUT: $OUT/a/b/file comes back, $OUT/a/b/c/file d
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 DTYPES = ("bf16", "fp16", "fp32")
-DEFAULT_DEADLINE = {"first": 450.0, "second": 290.0}
+# Call 1 ends by ~480 s (the deadline, then at most GRACE_S + 10 s of cut-off); call 2 must fit what is left of
+# the 15 device minutes after the machine's start (~1-2 min) and call 1: about 4 minutes.
+DEFAULT_DEADLINE = {"first": 450.0, "second": 230.0}
 DRY_RUN_SLACK = 4.0  # the rehearsal's budgets: a slow CPU must not cut a stage whose plumbing is being checked
 GRACE_S = 20.0  # after SIGINT: pytest / the stage writes what it has; then SIGTERM, SIGKILL
 
@@ -85,8 +87,8 @@ class Stage:
 
 PLANS = {
     "first": [
+        Stage("build", 150, background=True),  # first: it compiles while info and correctness run
         Stage("info", 45),
-        Stage("build", 150, background=True),
         Stage("correctness", 180, workers=DTYPES),
         Stage("ceilings", 30, wait_for=("build",)),
         Stage("bench-ga", 60),
@@ -95,11 +97,11 @@ PLANS = {
         Stage("bench-compile", 110),
     ],
     "second": [
-        Stage("info", 30),
-        Stage("build", 120),
-        Stage("e2e", 110),
-        Stage("qformer-step", 40),
-        Stage("sweep", 150),
+        Stage("build", 90, background=True),  # cached when the machine is still warm from call 1
+        Stage("info", 20),
+        Stage("e2e", 100, wait_for=("build",)),
+        Stage("qformer-step", 35),
+        Stage("sweep", 120),
     ],
 }
 STAGE_FILES = {"info": "info.txt", "correctness": "correctness.jsonl", "sweep": "sweep_results.json"}
@@ -344,6 +346,11 @@ class Runner:
     # -------------------------------------------------------------------------------------- run
     def run(self) -> int:
         self.out.mkdir(parents=True, exist_ok=True)
+        # $OUT is empty on the device; a local rerun into the same folder starts this plan's files afresh
+        # (a results JSON is merged into, never cleared)
+        for name in (self.log_path.name, self.summary_path.name,
+                     *(STAGE_FILES[s.name] for s in self.stages if s.name in STAGE_FILES)):
+            (self.out / name).unlink(missing_ok=True)
         self.log("run", f"plan {self.plan}{' (dry run)' if self.dry_run else ''}: "
                         f"{', '.join(s.name for s in self.stages)}; deadline {self.deadline_s:.0f} s; out {self.out}")
         self.write_summary()
@@ -386,6 +393,7 @@ class Runner:
             rep = s.get("report") or {}
             note = rep.get("line") or s.get("note") or ""
             lines.append(f"  {s['name']:14s} {s['status']:8s} {s['seconds']:6.1f} s / {s['budget_s']:.0f}  {note}")
+        lines += headline(self.out)
         f = self.doc["files"]
         lines.append(f"  files: {len(f['files'])} ({f['bytes'] / 1e6:.2f} MB): {', '.join(f['files'])}")
         for p in f["problems"]:
@@ -395,6 +403,38 @@ class Runner:
             with open(self.log_path, "a") as fh:
                 fh.write(text + "\n")
         print(text, flush=True)
+
+
+def headline(out: Path, limit: int = 40) -> list[str]:
+    """One line per measured case: every provider's p50 (and peak memory), fastbridge's speed-up over each."""
+    rows = []
+    for path in sorted(out.glob("*.json")):
+        if path.name.endswith("_summary.json") or path.name == STAGE_FILES["sweep"]:
+            continue
+        try:
+            doc = json.loads(path.read_text())
+        except ValueError:
+            continue
+        groups: dict = {}
+        for r in doc.get("records", []):
+            key = (r["op"], r["dtype"], r["mode"], json.dumps(r["shape"], sort_keys=True))
+            groups.setdefault(key, []).append(r)
+        rows.append(f"  results {path.name} ({doc.get('device')}): p50 ms [peak MiB] (xN: its time / fastbridge's)")
+        for (op, dt, mode, shape), recs in groups.items():
+            ours = next((r for r in recs if r["provider"] == "fastbridge"), None)
+            cells = []
+            for r in sorted(recs, key=lambda r: r["ms"]["p50"]):
+                cell = f"{r['provider']} {r['ms']['p50']:.4g}"
+                if r.get("peak_mb") is not None:
+                    cell += f" [{r['peak_mb']:.0f}]"
+                if ours is not None and r is not ours:
+                    cell += f" (x{r['ms']['p50'] / ours['ms']['p50']:.2f})"
+                cells.append(cell)
+            rows.append(f"    {op} {dt} {mode} {' '.join(f'{k}={v}' for k, v in json.loads(shape).items())}: "
+                        + ", ".join(cells))
+    if len(rows) > limit:
+        rows = rows[:limit] + [f"    ... {len(rows) - limit} more lines in the results JSON"]
+    return rows
 
 
 # ================================================================================ stage: helpers
@@ -1135,13 +1175,6 @@ def _run_stage(a) -> int:
 
 
 def cmd_run(a) -> int:
-    out = a.out or os.environ.get("OUT")
-    if a.dry_run and not out:
-        out = tempfile.mkdtemp(prefix="fastbridge-fc-dry-")
-    if not out:
-        print("first_contact run: give --out DIR (on the device machine: --out \"$OUT\")", file=sys.stderr)
-        return 2
-    out = Path(out).resolve()
     only = [s.strip() for s in a.only.split(",")] if a.only else None
     if only:
         unknown = [s for s in only if s not in {st.name for st in PLANS[a.stages]}]
@@ -1149,6 +1182,13 @@ def cmd_run(a) -> int:
             print(f"first_contact run: --only {','.join(unknown)}: not stages of {a.stages!r} "
                   f"({', '.join(s.name for s in PLANS[a.stages])})", file=sys.stderr)
             return 2
+    out = a.out or os.environ.get("OUT")
+    if a.dry_run and not out:
+        out = tempfile.mkdtemp(prefix="fastbridge-fc-dry-")
+    if not out:
+        print("first_contact run: give --out DIR (on the device machine: --out \"$OUT\")", file=sys.stderr)
+        return 2
+    out = Path(out).resolve()
     deadline = a.deadline or DEFAULT_DEADLINE[a.stages] * (DRY_RUN_SLACK if a.dry_run else 1.0)
     runner = Runner(a.stages, out, a.dry_run, deadline, only)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -196,3 +196,10 @@ def test_unpack_merges_into_results_and_keeps_the_logs(tmp_path):
     assert (run_dir / "first.log").read_text() == "log\n" and (run_dir / "first_summary.json").is_file()
     (src / "first_summary.json").write_text(json.dumps(dict(summary, dry_run=True)))
     assert FC.main(["unpack", str(src), "--results", str(results)]) == 2  # a rehearsal is never merged
+
+
+def test_fastbridge_bench_first_contact_flag_reaches_the_script():
+    r = subprocess.run([sys.executable, "-m", "fastbridge", "bench", "--first-contact", "--stages", "second", "--only",
+                        "nosuch"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert "first_contact.py run --stages second --only nosuch" in r.stdout
+    assert r.returncode == 2 and "--only nosuch: not stages of 'second'" in r.stderr, r.stderr
