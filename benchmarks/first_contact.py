@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """First GPU contact: the decisive evidence in one device call, and the end-to-end steps in a second one.
 
+    python benchmarks/first_contact.py stamp                                 # here, before the calls
     python benchmarks/first_contact.py run --stages first  --out "$OUT"      # call 1: <= 8 min, <= 8 files
     python benchmarks/first_contact.py run --stages second --out "$OUT"      # call 2: <= 5 min, <= 8 files
     python benchmarks/first_contact.py run --stages first --dry-run          # the CPU rehearsal (CI: tests/)
@@ -180,12 +181,36 @@ def _utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _git_sha() -> Optional[str]:
+STAMP = HERE / "device_stamp.json"  # git-ignored; written here by `stamp`, carried with the device calls
+
+
+def _git(*args: str) -> Optional[str]:
     try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=20,
+                              check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def git_state() -> dict:
+    """{sha, dirty, diff_sha256, source}: from git, else from the stamp (the device's copy of the working tree
+    has no .git: `first_contact.py stamp` records the state here and the call carries the file)."""
+    sha = _git("rev-parse", "HEAD")
+    if sha:
+        status = _git("status", "--porcelain", "--untracked-files=no") or ""
+        diff = _git("diff", "HEAD") or ""
+        import hashlib
+
+        return {"sha": sha.strip(), "dirty": bool(status.strip()),
+                "diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None, "source": "git"}
+    if STAMP.is_file():
+        with contextlib.suppress(ValueError):
+            return dict(json.loads(STAMP.read_text()), source=f"stamp {STAMP.name}")
+    return {"sha": None, "dirty": None, "diff_sha256": None, "source": "none (no .git, no stamp)"}
+
+
+def _git_sha() -> Optional[str]:
+    return git_state()["sha"]
 
 
 class Runner:
@@ -203,7 +228,8 @@ class Runner:
         self.status = {s.name: {"name": s.name, "status": "pending", "seconds": 0.0, "budget_s": s.budget_s}
                        for s in self.stages}
         self.procs: dict[str, list] = {}
-        self.doc = {"plan": plan, "dry_run": dry_run, "started": _utc(), "git_sha": _git_sha(),
+        git = git_state()
+        self.doc = {"plan": plan, "dry_run": dry_run, "started": _utc(), "git_sha": git["sha"], "git": git,
                     "deadline_s": deadline_s, "argv": sys.argv[1:], "python": sys.version.split()[0],
                     "stages": list(self.status.values())}
         self.env = self._child_env()
@@ -459,7 +485,7 @@ def stage_info(a) -> int:
     import importlib.metadata as md
     import platform
 
-    lines = [f"date         {_utc()}", f"git          {_git_sha()}", f"dry run      {a.dry_run}"]
+    lines = [f"date         {_utc()}", f"git          {git_state()}", f"dry run      {a.dry_run}"]
     from fastbridge.cli import info_lines
 
     lines += info_lines()
@@ -1063,6 +1089,10 @@ def stage_bench(a) -> int:
     import _harness as H
 
     warnings.simplefilter("ignore")  # the harness / HF warnings would flood the log; failures are reported
+    if H.git_sha()[0] is None:  # the device's copy has no .git: the results carry the stamp's sha instead
+        git = git_state()
+        if git["sha"]:
+            H.git_sha = lambda repo=None: (git["sha"], git["dirty"])
     items = BENCH_GROUPS[a.name](a.dry_run)
     warm, rep = (1.0, 2.0) if a.dry_run else (H.DEFAULT_WARMUP_MS, H.DEFAULT_REP_MS)
     counts = {"ok": 0, "skipped": 0, "error": 0}
@@ -1195,6 +1225,20 @@ def cmd_run(a) -> int:
     return runner.run()
 
 
+def cmd_stamp(a) -> int:
+    """Record this checkout's git state for the device call (whose copy of the tree has no .git)."""
+    git = git_state()
+    if git["source"] != "git":
+        print("first_contact stamp: not a git checkout here", file=sys.stderr)
+        return 2
+    git.pop("source")
+    git["stamped"] = _utc()
+    STAMP.write_text(json.dumps(git, indent=1) + "\n")
+    print(f"first_contact stamp: {STAMP} ({git['sha'][:12]}{', dirty' if git['dirty'] else ''}); "
+          f"carry [\"benchmarks/{STAMP.name}\"]")
+    return 0
+
+
 def cmd_check(a) -> int:
     res = check_files(Path(a.dir))
     print(json.dumps(res, indent=1))
@@ -1251,6 +1295,7 @@ def main(argv=None) -> int:
     r.add_argument("--dry-run", action="store_true", help="CPU rehearsal: interpreter, tiny shapes, no claims")
     r.add_argument("--deadline", type=float, default=None, help="seconds for the whole plan (default: first "
                    f"{DEFAULT_DEADLINE['first']:.0f}, second {DEFAULT_DEADLINE['second']:.0f})")
+    sub.add_parser("stamp", help=f"write benchmarks/{STAMP.name} (the git state) for the device call to carry")
     c = sub.add_parser("check", help="check a folder against the device tool's limits and the JSON schemas")
     c.add_argument("dir")
     u = sub.add_parser("unpack", help="merge a call's files into benchmarks/results (+ runs/<date>-<plan>/ logs)")
@@ -1266,7 +1311,7 @@ def main(argv=None) -> int:
     if a.cmd == "_stage":
         a.out = Path(a.out)
         return _run_stage(a)
-    return {"run": cmd_run, "check": cmd_check, "unpack": cmd_unpack}[a.cmd](a)
+    return {"run": cmd_run, "check": cmd_check, "unpack": cmd_unpack, "stamp": cmd_stamp}[a.cmd](a)
 
 
 if __name__ == "__main__":

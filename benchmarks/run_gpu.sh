@@ -8,16 +8,18 @@
 #      time between calls and the give-back all count; <= 10 minutes per command; at most 8 files back from
 #      $OUT (16 MiB each, names of letters / digits / . _ -, <= 2 folders down); no network on the machine;
 #      it stays warm only 30 s after a call. The image: Python 3.12, torch 2.11.0+cu130 (CUDA 13),
-#      triton 3.6, transformers 5.17, peft, pytest (nothing to carry: carry []).
+#      triton 3.6, transformers 5.17, peft, pytest: no wheels to carry. The device's copy of the tree has no
+#      .git, so first record the git state here (git-ignored file, carried):
+#        python benchmarks/first_contact.py stamp      # -> benchmarks/device_stamp.json
 #    Call 1 (<= 8 min: deadline 450 s, then at most ~30 s of cut-off), device tool `run` with
 #      command:   STAGES=first bash benchmarks/run_gpu.sh
 #                 (= python3 benchmarks/first_contact.py run --stages first --out "$OUT")
-#      carry:     []            timeout_s: 500
+#      carry:     ["benchmarks/device_stamp.json"]            timeout_s: 500
 #      -> first_summary.json, first.log, info.txt, correctness.jsonl, <device>.json (5 files)
 #    Call 2, at once (within the 30 s the machine stays warm; `status` first only if unsure: budget_left_s must
 #    exceed DEADLINE + ~40 s), with
 #      command:   STAGES=second DEADLINE=230 bash benchmarks/run_gpu.sh
-#      carry:     []            timeout_s: 270
+#      carry:     ["benchmarks/device_stamp.json"]            timeout_s: 270
 #      -> second_summary.json, second.log, info.txt, <device>.json, sweep_results.json (5 files)
 #    then `give_back`. Every stage writes as it goes and has its own time budget (SIGINT at the end of it), so
 #    a call that is cut off still returns what it measured. Here, after each call:

@@ -203,3 +203,15 @@ def test_fastbridge_bench_first_contact_flag_reaches_the_script():
                         "nosuch"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert "first_contact.py run --stages second --only nosuch" in r.stdout
     assert r.returncode == 2 and "--only nosuch: not stages of 'second'" in r.stderr, r.stderr
+
+
+def test_git_state_falls_back_to_the_stamp_without_git(tmp_path, monkeypatch):
+    """The device's copy of the tree has no .git: the sha comes from the carried stamp, never invented."""
+    here = FC.git_state()
+    assert here["source"] == "git" and len(here["sha"]) == 40
+    monkeypatch.setattr(FC, "_git", lambda *a: None)
+    monkeypatch.setattr(FC, "STAMP", tmp_path / "device_stamp.json")
+    assert FC.git_state()["sha"] is None
+    (tmp_path / "device_stamp.json").write_text(json.dumps({"sha": "f" * 40, "dirty": False, "diff_sha256": None}))
+    st = FC.git_state()
+    assert st["sha"] == "f" * 40 and st["source"].startswith("stamp")
