@@ -228,6 +228,7 @@ class Runner:
         self.status = {s.name: {"name": s.name, "status": "pending", "seconds": 0.0, "budget_s": s.budget_s}
                        for s in self.stages}
         self.procs: dict[str, list] = {}
+        self.until: dict[str, float] = {}  # monotonic time at which each running stage is cut
         git = git_state()
         self.doc = {"plan": plan, "dry_run": dry_run, "started": _utc(), "git_sha": git["sha"], "git": git,
                     "deadline_s": deadline_s, "argv": sys.argv[1:], "python": sys.version.split()[0],
@@ -308,8 +309,7 @@ class Runner:
                                       for w in workers]
         else:
             self.procs[stage.name] = [self._spawn(stage, stage.name, list(stage.args))]
-        self._until = getattr(self, "_until", {})
-        self._until[stage.name] = time.monotonic() + limit
+        self.until[stage.name] = time.monotonic() + limit
         self.write_summary()
         return True
 
@@ -319,7 +319,7 @@ class Runner:
         st = self.status[stage.name]
         if not procs or st["status"] != "running":
             return
-        until = self._until[stage.name]
+        until = self.until[stage.name]
         cut = False
         for p in procs:
             try:
@@ -356,7 +356,8 @@ class Runner:
                 with contextlib.suppress(ValueError):
                     reports[w] = json.loads(f.read_text())
         if stage.workers and reports:
-            st["report"] = {"workers": reports, "line": "; ".join(f"{w}: {r.get('line', '')}" for w, r in reports.items())}
+            line = "; ".join(f"{w}: {r.get('line', '')}" for w, r in reports.items())
+            st["report"] = {"workers": reports, "line": line}
         elif reports:
             st["report"] = reports[None]
         self.log("run", f"{stage.name}: {st['status']} (rc {st['rc']}) in {st['seconds']} s")
@@ -600,8 +601,10 @@ CORRECTNESS = [
     dict(op="gated_attention", case="decode-splitK-Lq5-pad-d64", shape=dict(B=1, H=4, Hkv=2, Lq=5, Lk=1100, P=4, D=64,
                                                                             kpm="partial", expect_split=True)),
     # qformer_cross_attention (C++/CUDA extension): masks, query batch 1, dropout (the kernels' Philox mask)
-    dict(op="qformer_cross_attention", case="blip2-Lk257-nomask", dry=True, shape=dict(B=3, qB=3, H=12, Lq=32, Lk=257, D=64)),
-    dict(op="qformer_cross_attention", case="bool-mask-odd", shape=dict(B=2, qB=2, H=3, Lq=33, Lk=131, D=64, mask="bool")),
+    dict(op="qformer_cross_attention", case="blip2-Lk257-nomask", dry=True,
+         shape=dict(B=3, qB=3, H=12, Lq=32, Lk=257, D=64)),
+    dict(op="qformer_cross_attention", case="bool-mask-odd",
+         shape=dict(B=2, qB=2, H=3, Lq=33, Lk=131, D=64, mask="bool")),
     dict(op="qformer_cross_attention", case="qbatch1-additive", shape=dict(B=3, qB=1, H=2, Lq=9, Lk=41, D=64,
                                                                           mask="additive")),
     dict(op="qformer_cross_attention", case="dropout0.1-Lk257", dry=True,
@@ -625,10 +628,6 @@ def _grads(y, leaves: dict, dy):
     import torch
 
     return dict(zip(leaves, torch.autograd.grad(y, list(leaves.values()), dy)))
-
-
-def _pair(tag, actual, expected64):
-    return (tag, actual, expected64)
 
 
 def run_adapter_block(s: dict, dtype, device) -> list:
@@ -669,7 +668,7 @@ def run_adapter_block(s: dict, dtype, device) -> list:
                           activation=s["act"], **{k: leaves64[k] for k in names
                                                   if k not in ("x", "w_down", "b_down", "w_up", "b_up")})
     g64 = _grads(y64, leaves64, dy.to(dtype).double())
-    return [_pair("out", y, y64)] + [_pair(f"d{n}", gk[n], g64[n]) for n in names]
+    return [("out", y, y64)] + [(f"d{n}", gk[n], g64[n]) for n in names]
 
 
 def run_gated_attention(s: dict, dtype, device) -> list:
@@ -692,10 +691,11 @@ def run_gated_attention(s: dict, dtype, device) -> list:
             kpm[0, :] = False  # a sample with every key padded: the main branch gives 0, not NaN
     kw = dict(causal=s.get("causal", True), gate_fn=s.get("gate_fn", "tanh"))
     if s.get("expect_split"):
-        from fastbridge.kernels.gated_attention import decode_splits, fwd_config
+        from fastbridge.kernels.gated_attention import decode_splits, device_arch, fwd_config
 
-        bm, bn, _, _ = fwd_config(D, Lq)
-        splits = decode_splits(B * H, Lq, Lk, bm, bn, torch.device(device))
+        dev = torch.device(device)  # the launcher's own choice (kernels/gated_attention.py, forward launcher)
+        bm, bn, _, _ = fwd_config(D, Lq, device_arch(dev), torch.empty((), dtype=dtype).element_size())
+        splits = decode_splits(B * H, Lq, Lk, bm, bn, dev)
         if splits <= 1:
             raise AssertionError(f"case meant for the split-K decode path takes {splits} split(s)")
     dy = _rnd(g, B, H, Lq, D)
@@ -707,7 +707,7 @@ def run_gated_attention(s: dict, dtype, device) -> list:
     leaves64 = {n: x_dt[n].double().requires_grad_(True) for n in base}
     y64 = R.gated_attention(*leaves64.values(), key_padding_mask=kpm, **kw)
     g64 = _grads(y64, leaves64, dy.to(dtype).double())
-    return [_pair("out", y, y64)] + [_pair(f"d{n}", gk[n], g64[n]) for n in base]
+    return [("out", y, y64)] + [(f"d{n}", gk[n], g64[n]) for n in base]
 
 
 def run_qformer_cross_attention(s: dict, dtype, device) -> list:
@@ -754,7 +754,7 @@ def run_qformer_cross_attention(s: dict, dtype, device) -> list:
     else:
         y64 = R.qformer_cross_attention(*leaves64.values(), attn_mask=m64)
     g64 = _grads(y64, leaves64, dy.to(dtype).double())
-    return [_pair("out", y, y64)] + [_pair(f"d{n}", gk[n], g64[n]) for n in base]
+    return [("out", y, y64)] + [(f"d{n}", gk[n], g64[n]) for n in base]
 
 
 def run_gated_cross_attention(s: dict, dtype, device) -> list:
@@ -785,7 +785,7 @@ def run_gated_cross_attention(s: dict, dtype, device) -> list:
     y64 = R.gated_cross_attention(leaves64["q"], leaves64["k"], leaves64["v"], vis, segment_len=seg,
                                   gate=leaves64["gate"])
     g64 = _grads(y64, leaves64, dy.to(dtype).double())
-    return [_pair("out", y, y64)] + [_pair(f"d{n}", gk[n], g64[n]) for n in base]
+    return [("out", y, y64)] + [(f"d{n}", gk[n], g64[n]) for n in base]
 
 
 RUNNERS: dict[str, Callable] = {
@@ -813,7 +813,8 @@ def _tolerances():
 def _compare(actual, expected, dtype, tol, atol) -> dict:
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     if a.shape != e.shape or actual.dtype != dtype:
-        return {"ok": False, "why": f"shape {tuple(a.shape)} / dtype {actual.dtype}, expected {tuple(e.shape)} / {dtype}"}
+        return {"ok": False,
+                "why": f"shape {tuple(a.shape)} / dtype {actual.dtype}, expected {tuple(e.shape)} / {dtype}"}
     if not bool(a.isfinite().all()):
         n = int((~a.isfinite()).sum())
         return {"ok": False, "why": f"{n} non-finite values (an element never written?)"}
@@ -852,10 +853,10 @@ def stage_correctness(a) -> int:
                     torch.cuda.synchronize()
                 checks = {name: _compare(act, exp, dtype, tol[dtype], atol[dtype]) for name, act, exp in pairs}
                 bad = [n for n, r in checks.items() if not r["ok"]]
-                rec.update(status="fail" if bad else "pass", worst=max((r.get("rel", float("inf")) for r in checks.values()),
-                                                                       default=0.0),
-                           tol=tol[dtype], checks={n: {k: (round(v, 9) if isinstance(v, float) else v)
-                                                       for k, v in r.items()} for n, r in checks.items()})
+                worst = max((r.get("rel", float("inf")) for r in checks.values()), default=0.0)
+                rec.update(status="fail" if bad else "pass", worst=worst, tol=tol[dtype],
+                           checks={n: {k: (round(v, 9) if isinstance(v, float) else v) for k, v in r.items()}
+                                   for n, r in checks.items()})
                 if bad:
                     rec["why"] = "; ".join(f"{n}: {checks[n].get('why') or 'rel %.3e' % checks[n]['rel']}" for n in bad)
             except _Skip as e:
@@ -872,7 +873,8 @@ def stage_correctness(a) -> int:
         with open(out, "a") as f:  # one line per case, appended in one write (the workers share the file)
             f.write(json.dumps(rec) + "\n")
         extra = f"worst rel {rec['worst']:.2e} (tol {rec['tol']:.0e})" if "worst" in rec else rec.get("why", "")
-        print(f"{status.upper():7s} {c['op']:24s} {c['case']:30s} {dt_name} {rec['seconds']:6.2f} s  {extra}", flush=True)
+        print(f"{status.upper():7s} {c['op']:24s} {c['case']:30s} {dt_name} {rec['seconds']:6.2f} s  {extra}",
+              flush=True)
     line = f"{counts['pass']} pass, {counts['fail']} fail, {counts['error']} error, {counts['skipped']} skipped"
     _stage_report(f"correctness-{dt_name}", dict(counts, line=line))
     print(f"correctness {dt_name}: {line}")
@@ -1128,7 +1130,8 @@ def stage_bench(a) -> int:
         recs = [r for _, (_, rs) in collector._by_device.items() for r in rs]
         for r in recs:
             tps = r.extra.get("tokens_per_s")
-            print(f"OK      {r.op} {r.provider:20s} {r.mode:7s} {r.dtype} {H.shape_label(r.shape)}: p50 {r.ms['p50']:.4g} ms, "
+            print(f"OK      {r.op} {r.provider:20s} {r.mode:7s} {r.dtype} {H.shape_label(r.shape)}: "
+                  f"p50 {r.ms['p50']:.4g} ms, "
                   f"peak {r.peak_mb if r.peak_mb is None else round(r.peak_mb)} MiB"
                   f"{'' if r.tflops is None else f', {r.tflops:.1f} TFLOP/s'}"
                   f"{'' if r.gbps is None else f', {r.gbps:.0f} GB/s'}{'' if tps is None else f', {tps:.0f} tok/s'}"
