@@ -58,6 +58,8 @@ def run_bench(args: list[str]) -> int:
     except BenchmarksNotFound as e:
         print(str(e), file=sys.stderr)
         return 2
+    if "--first-contact" in args:
+        return run_first_contact([a for a in args if a != "--first-contact"], bdir)
     try:
         import pytest_benchmark  # noqa: F401
     except ImportError:
@@ -80,3 +82,11 @@ def run_bench(args: list[str]) -> int:
     if plot_rc != 0:
         print(f"fastbridge bench: plot.py exited with {plot_rc} (see above)", file=sys.stderr)
     return rc
+
+
+def run_first_contact(args: list[str], bdir: Path) -> int:
+    """``fastbridge bench --first-contact [options]``: benchmarks/first_contact.py run (the prepared first
+    GPU contact; ``--stages second`` for the second device call, ``--dry-run`` for the CPU rehearsal)."""
+    cmd = [sys.executable, str(bdir / "first_contact.py"), "run", *args]
+    print("fastbridge bench --first-contact: " + " ".join(cmd[1:]), flush=True)
+    return subprocess.call(cmd)
