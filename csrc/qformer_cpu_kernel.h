@@ -13,7 +13,7 @@
 // a GEMM wants them so), the scores of all Lq x Lk pairs are computed by a register-blocked GEMM
 // (Lk <= a few thousand: a direct softmax, no online rescaling), softmax / masks / dropout run in one
 // vectorised pass per row, and the products with V (and in the backward dV, dK, dQ) are GEMMs again.
-// Forward saves only the log-sum-exp; the backward recomputes the probabilities from it.
+// Forward saves only the row statistics (max, log of the sum); the backward recomputes the probabilities.
 #include <stdint.h>
 
 #include "philox.h"

@@ -316,9 +316,11 @@ def qformer_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optio
 
     q (B or 1, H, Lq, D) -- a query batch of 1 broadcasts over k's batch B; k, v (B, H, Lk, D).
     attn_mask: None, a bool (B, Lk) key mask (True = attend), or an additive float mask broadcastable to
-    (B, H, Lq, Lk). scale defaults to D**-0.5. dropout_p > 0 applies dropout (pass 0.0 in eval);
-    generator: where the Philox seed is drawn from. Returns (B, H, Lq, D) in q's dtype; differentiable
-    in q, k, v. Runs the C++ (CPU) / CUDA kernels, or the reference (backend "reference", float64, ...).
+    (B, H, Lq, Lk); keys the bool mask hides influence nothing. scale defaults to D**-0.5. dropout_p > 0
+    applies dropout (pass 0.0 in eval); generator: a torch.Generator on q's device that the Philox
+    [seed, offset] is drawn from (default: torch's default generator of q's device). Returns (B, H, Lq, D)
+    in q's dtype; differentiable in q, k, v, twice too (create_graph=True). Runs the C++ (CPU) / CUDA
+    kernels, or the reference (backend "reference", float64, ...).
     """
     B, H, Lq, Lk, D = _validate(q, k, v, attn_mask, scale, dropout_p, generator)
     scale = D ** -0.5 if scale is None else float(scale)
