@@ -29,6 +29,9 @@ class Integration:
     # Model-level hooks (e.g. switching an attention implementation in a config), run once per model.
     patch_model: Callable[..., None] | None = None
     unpatch_model: Callable[[nn.Module], None] | None = None
+    # fastbridge's own modules are fused from construction, patched or not: unpatch switches them to eager
+    # even where patch was never called (e.g. right after fastbridge.add_adapters).
+    fused_by_default: bool = False
 
 
 _REGISTRY: dict[str, Integration] = {}
@@ -95,9 +98,14 @@ def patch(model: nn.Module, *, verbose: bool = False, **options) -> nn.Module:
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore every module ``patch`` changed; returns the same model."""
     used: set[str] = set()
+    own = [i for i in integrations() if i.fused_by_default]
     for _, module in model.named_modules():
         name = getattr(module, _ATTR, None)
         if name is None:
+            integ = next((i for i in own if i.matches(module)), None)
+            if integ is not None:
+                integ.unpatch(module)
+                used.add(integ.name)
             continue
         _REGISTRY[name].unpatch(module)
         delattr(module, _ATTR)

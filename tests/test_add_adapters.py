@@ -349,3 +349,18 @@ def test_kernel_backend_matches_reference():
     assert len(g_k) == len(g_ref) == 4 * len(ads)
     for gk, gr in zip(g_k, g_ref):
         torch.testing.assert_close(gk, gr, atol=1e-4, rtol=1e-4)
+
+
+def test_unpatch_right_after_add_adapters_switches_them_to_eager():
+    """fastbridge.unpatch without a patch call first: the adapters add_adapters inserted (fused from the
+    start) go to the eager composition, as the README says; patch fuses them again."""
+    model = transformers.ViTModel(transformers.ViTConfig(**VISION)).eval()
+    add_adapters(model, r=R)
+    adapters = [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
+    assert adapters and all(a.fused for a in adapters)
+    fastbridge.unpatch(model)
+    assert all(not a.fused for a in adapters)
+    fastbridge.patch(model)
+    assert all(a.fused for a in adapters)
+    fastbridge.unpatch(model)
+    assert all(not a.fused for a in adapters)

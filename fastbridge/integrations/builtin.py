@@ -20,6 +20,7 @@ register_integration(Integration(
     matches=lambda m: isinstance(m, BottleneckAdapter),
     patch=_set_fused(True),
     unpatch=_set_fused(False),
+    fused_by_default=True,
 ))
 
 
@@ -33,6 +34,7 @@ register_integration(Integration(
     matches=lambda m: isinstance(m, AdaptionPromptAttention),
     patch=_set_fused(True),
     unpatch=_set_fused(False),
+    fused_by_default=True,
 ))
 try:
     from .peft import integration as _peft_integration  # noqa: E402

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .. import _backend
 from .. import reference as ref
+from . import _autocast
 from . import _validate as V
 
 OP = "adapter_block"
@@ -160,6 +161,19 @@ def adapter_block(x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Ten
     y = residual + s · up(act(down(h))), residual defaults to x, s = scale (float or 0-d tensor) times
     tanh(gate) when gate (shape () or (1,)) is given. Differentiable in every tensor argument.
     """
+    amp = _autocast.autocast_dtype(x) if isinstance(x, Tensor) else None
+    if amp is not None:
+        # Mixed precision (fastbridge/ops/_autocast.py): the projections run in the autocast dtype, as eager's
+        # nn.Linear would; the update is added to the residual in the residual's own dtype, as eager's
+        # `x + update` does (an fp32 residual stream stays fp32). The op computes 0 + update: a zero
+        # residual read with row stride 0 (no copy).
+        res = x if residual is None else residual
+        xa, wd, bd, wu, bu = _autocast.cast(amp, x, w_down, b_down, w_up, b_up)
+        zero = xa.new_zeros(xa.shape[-1:]).expand(xa.shape) if xa.dim() >= 1 else None
+        with torch.autocast(x.device.type, enabled=False):
+            update = adapter_block(xa, wd, bd, wu, bu, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps,
+                                   activation=activation, scale=scale, gate=gate, residual=zero)
+        return res + update
     d, r = _validate(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, gate, residual)
     if _backend.select(OP, x.device, _kernel_unavailable(x, d, r)) == "reference":
         return ref.adapter_block(x, w_down, b_down, w_up, b_up, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps,

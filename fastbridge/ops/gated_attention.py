@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .. import _backend
 from .. import reference as ref
+from . import _autocast
 from . import _validate as V
 
 OP = "gated_attention"
@@ -146,6 +147,9 @@ def gated_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v:
     key_padding_mask: bool (B, Lk), True = attend; a query with no visible main key gets 0 from the
     main branch. Returns (B, H, Lq, D) in q's dtype. Differentiable in q, k, v, prefix_k, prefix_v, gate.
     """
+    amp = _autocast.autocast_dtype(q) if isinstance(q, Tensor) else None
+    if amp is not None:  # mixed precision: run in the dtype eager PyTorch would use (fastbridge/ops/_autocast.py)
+        q, k, v, prefix_k, prefix_v = _autocast.cast(amp, q, k, v, prefix_k, prefix_v)
     H, D = _validate(q, k, v, prefix_k, prefix_v, gate, causal, scale, gate_fn, key_padding_mask)
     s = D ** -0.5 if scale is None else float(scale)
     if _backend.select(OP, q.device, _kernel_unavailable(q, (k, v, prefix_k, prefix_v, gate))) == "reference":

@@ -38,6 +38,7 @@ from torch import Tensor
 from .. import _backend
 from .. import _build
 from .. import reference as ref
+from . import _autocast
 from . import _validate as V
 
 OP = "qformer_cross_attention"
@@ -257,6 +258,9 @@ def qformer_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optio
     generator: where the Philox seed is drawn from. Returns (B, H, Lq, D) in q's dtype; differentiable
     in q, k, v. Runs the C++ (CPU) / CUDA kernels, or the reference (backend "reference", float64, ...).
     """
+    amp = _autocast.autocast_dtype(q) if isinstance(q, Tensor) else None
+    if amp is not None:  # mixed precision: run in the dtype eager PyTorch would use (fastbridge/ops/_autocast.py)
+        q, k, v = _autocast.cast(amp, q, k, v)
     B, H, Lq, Lk, D = _validate(q, k, v, attn_mask, scale, dropout_p, generator)
     scale = D ** -0.5 if scale is None else float(scale)
     dropout_p = float(dropout_p)
