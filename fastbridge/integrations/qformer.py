@@ -100,16 +100,7 @@ def _fsdp_module_class() -> tuple:
     return (FSDPModule,)
 
 
-def _dtensor_class() -> tuple:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without torch.distributed
-        return ()
-    return (DTensor,)
-
-
 _FSDP = _fsdp_module_class()
-_DTENSOR = _dtensor_class()
 
 
 class _KVBatch:
@@ -206,13 +197,8 @@ class _KVBatching:
         slot = self.slots.get(index)
         if slot is not None:
             batch, j = slot
-            if batch.outputs is None and _same_tensor(x, self.source):
-                if _DTENSOR and any(isinstance(lin.weight, _DTENSOR) for lin in batch.linears):
-                    _notice("a cross-attention key / value weight is a DTensor inside its layer's forward "
-                            "(sharded or tensor-parallel), so those projections run per layer")
-                    self.slots = {k: v for k, v in self.slots.items() if v[0] is not batch}
-                else:
-                    batch.compute(x)
+            if batch.outputs is None and self.source is not None and x is self.source:
+                batch.compute(x)  # the first projection of its unit: inside the unit's forward
             if batch.outputs is not None and x is batch.source:
                 return batch.outputs[j]
         return F.linear(x, linear.weight, linear.bias)
@@ -234,18 +220,6 @@ def _module_path(root: nn.Module, target: nn.Module) -> list[nn.Module]:
                 path.append(mod)
             return path
     return []
-
-
-def _same_tensor(x: torch.Tensor, source: Optional[torch.Tensor]) -> bool:
-    """``x`` is the encoder's image features: the same tensor, or an alias of the same data (FSDP2 hands a
-    layer its inputs through an autograd function that returns aliases, so gradients reach its hooks)."""
-    if source is None:
-        return False
-    if x is source:
-        return True
-    return (x.dtype == source.dtype and x.device == source.device and x.shape == source.shape
-            and x.stride() == source.stride() and x.data_ptr() == source.data_ptr()
-            and x._version == source._version)
 
 
 def _checkpointing(encoder: nn.Module) -> bool:
