@@ -335,6 +335,7 @@ FSDP_LAYOUTS = {
     "encoder": (lambda m: [m.qformer.encoder], 1, 6),
     "per-layer": (lambda m: list(m.qformer.encoder.layer), 0, 0),  # one cross-attention layer per unit
     "layer-4-only": (lambda m: [m.qformer.encoder.layer[4]], 1, 4),  # layers 0 and 2 still share a unit
+    "per-layer-patched-after-fully_shard": (lambda m: list(m.qformer.encoder.layer), 0, 0),
 }
 
 
@@ -353,11 +354,15 @@ def test_fsdp2_sharding_layouts(layout, process_group):
     model, inputs = blip2_six_layers()
     model.train()
     expected = train_step(copy.deepcopy(model), inputs)
-    fastbridge.patch(model)
+    patch_last = layout.endswith("patched-after-fully_shard")
+    if not patch_last:
+        fastbridge.patch(model)
     inner, n_batches, n_linears = FSDP_LAYOUTS[layout]
     for m in inner(model):
         fully_shard(m)
     fully_shard(model)
+    if patch_last:
+        fastbridge.patch(model)
     QF._warned.clear()
     calls = []
     orig = QF._KVBatch.compute
@@ -371,7 +376,7 @@ def test_fsdp2_sharding_layouts(layout, process_group):
         QF._KVBatch.compute = orig
     assert calls == [n_linears] * n_batches * 2, calls
     notices = [w for w in caught if issubclass(w.category, fastbridge.FastbridgeFallbackWarning)]
-    sharded_apart = layout in ("per-layer", "layer-4-only")
+    sharded_apart = layout != "whole" and layout != "encoder"
     assert len(notices) == int(sharded_apart), [str(w.message) for w in notices]
     if sharded_apart:
         assert "sharded separately" in str(notices[0].message)
