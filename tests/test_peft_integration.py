@@ -324,6 +324,11 @@ def test_both_cache_keywords_update_the_cache_once(keyword):
     the cache is updated exactly once per call, with PEFT's own forward's result."""
     from transformers import DynamicCache
 
+    from fastbridge.integrations import _compat
+
+    if keyword != _compat.cache_keyword() and _compat.cache_keyword() == "past_key_values":
+        # transformers <= 5.23's own attention ignores cache= (it reads past_key_values=): no reference
+        pytest.skip(f"transformers {transformers.__version__} passes the KV cache as past_key_values=")
     pm = build("llama").eval()
     layer = adapted(pm)[0]
     attn = layer.model
