@@ -414,7 +414,7 @@ def gated_cross_attention_backward(dout, q, k, v, vis, seg, g, out, lse, scale):
     dv = empty(v.shape, v.dtype, dev)
     dg_empty = torch.zeros((0,), dtype=torch.float32, device=dev)
     if B * H * Lq == 0 or Lk == 0:
-        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+        return (q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape),
                 dg_empty if g is None else torch.zeros_like(g))
     S, SEG = _segments(vis, Lk, seg)
     qk_scale = scale * math.log2(math.e)
