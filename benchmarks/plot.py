@@ -31,7 +31,8 @@ BASELINES = {"llama_adapter_e2e": "peft", "llama_adapter_e2e_cpu_smoke": "peft"}
 # The shape field swept along the x axis of each op's plots; other ops: the numeric field with the most
 # distinct values.
 X_KEYS = {"adapter_block": "N", "gated_attention": "L", "qformer_cross_attention": "B",
-          "gated_attention_decode": "B", "llama_adapter_e2e": "L", "llama_adapter_e2e_cpu_smoke": "L"}
+          "gated_attention_decode": "B", "llama_adapter_e2e": "L", "llama_adapter_e2e_cpu_smoke": "L",
+          "gated_cross_attention": "Lq"}
 PROVIDER_ORDER = ("fastbridge", "fastbridge-nosplit", "fastbridge-atomicdq", "fastbridge-reference", "sdpa",
                   "sdpa_noprompt", "compile", "eager", "peft")
 COLORS = {"fastbridge": "tab:red", "fastbridge-nosplit": "tab:pink", "fastbridge-atomicdq": "tab:brown",

@@ -133,3 +133,34 @@ def qformer_cross_attention(q, k, v, *, attn_mask=None, scale=None, dropout_p=0.
     out = p @ vc
     return out.to(q.dtype)
 
+
+
+def gated_cross_attention(q, k, v, visibility=None, *, segment_len=None, gate=None, gate_fn="tanh", scale=None):
+    """Flamingo-style gated cross-attention: out = g · softmax(q kᵀ·s over the visible keys) v.
+
+    q (B,H,Lq,D); k, v (B,Hkv,Lk,D), H % Hkv == 0. The Lk keys are S segments of ``segment_len`` keys
+    (an image, a tile); visibility: bool (B, Lq, S), True = query i sees segment s, or None (every key
+    visible). A query that sees no key gets exactly 0. gate: None, (), (1,) or (H,): g = tanh(gate) or
+    gate itself per head (1 without a gate). Builds the dense Lq x Lk mask: this is the reference.
+    """
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    rep = H // Hkv
+    cdt = compute_dtype(q.dtype)
+    s = D ** -0.5 if scale is None else scale
+    qc = q.to(cdt)
+    kc, vc = (t.to(cdt).repeat_interleave(rep, dim=1) for t in (k, v))
+    visible = None
+    if visibility is not None:
+        seg = Lk // max(visibility.shape[-1], 1) if segment_len is None else segment_len
+        visible = visibility.repeat_interleave(seg, dim=-1).view(B, 1, Lq, Lk)
+    if Lk == 0:  # nothing to see: 0, with q, k, v kept in the graph (zero gradients)
+        out = qc[..., :1] * 0.0 * (kc.sum() + vc.sum()) + qc.new_zeros((B, H, Lq, D))
+    else:
+        out = _masked_softmax(qc @ kc.transpose(-1, -2) * s, visible) @ vc
+    if gate is not None:
+        out = out * gate_values(gate, gate_fn, H, cdt).reshape(1, H, 1, 1)
+    return out.to(q.dtype)
+
+
+__all__ += ["gated_cross_attention"]

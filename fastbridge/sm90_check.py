@@ -198,6 +198,9 @@ def gated_attention_configs(arch: int = 90, elem_size: int = 2):
 def all_configs(arch: int = 90, elem_size: int = 2):
     yield from adapter_block_configs(arch, elem_size)
     yield from gated_attention_configs(arch, elem_size)
+    from fastbridge import sm90_gated_cross_attention  # its own table (issue 13)
+
+    yield from sm90_gated_cross_attention.configs(arch, elem_size)
 
 
 # --dtype: the pointer type the kernels are compiled for, the DOT_PREC its launch passes

@@ -28,6 +28,7 @@ from conftest import assert_close, needs_interpreter
 
 COMPILED_ARCHS = (80, 89, 90)
 N_CONFIGS = 80
+N_GCA_CONFIGS = 44  # fastbridge/sm90_gated_cross_attention.py (gated cross-attention's own table)
 FP32_ARCHS = (80, 89)
 FP32_DTYPES = ("fp32-tf32", "fp32")
 
@@ -59,14 +60,15 @@ def test_kernel_configs_compile_without_spills_within_shared_memory():
     sections = _sections(proc.stdout)
     assert sorted(sections) == sorted(COMPILED_ARCHS), proc.stdout[-4000:]
     for arch, text in sections.items():
-        lines = [ln for ln in text if ln.startswith(("adapter_", "gated_attn_"))]
+        lines = [ln for ln in text if ln.startswith(("adapter_", "gated_attn_", "gca_"))]
         summary = "\n".join(text[-2:])
-        assert len(lines) == N_CONFIGS and f"{N_CONFIGS} configurations, 0 spilling" in summary, (arch, summary)
+        n = N_CONFIGS + N_GCA_CONFIGS
+        assert len(lines) == n and f"{n} configurations, 0 spilling" in summary, (arch, summary)
         limit = _common.SMEM_PER_BLOCK[arch]
         assert f"shared memory: 0 above sm_{arch}'s {limit} B per block" in summary, (arch, summary)
         assert not any("SHARED MEMORY" in ln for ln in lines), arch
     # Hopper tensor cores (wgmma) wherever the row tile allows them (>= 64 rows).
-    lines = [ln for ln in sections[90] if ln.startswith(("adapter_", "gated_attn_"))]
+    lines = [ln for ln in sections[90] if ln.startswith(("adapter_", "gated_attn_", "gca_"))]
     big_tile = [ln for ln in lines if any(f"{k}={n} " in ln for k in ("BM", "BN") for n in (64, 128))
                 and not ("BM=16 " in ln or "BM=32 " in ln)]
     assert big_tile and all("wgmma=yes" in ln for ln in big_tile), "\n".join(big_tile)
@@ -84,9 +86,10 @@ def test_fp32_configs_fit_shared_memory_on_sm80_and_sm89():
     sections = _sections(proc.stdout)
     assert sorted(sections) == sorted((a, d) for a in FP32_ARCHS for d in FP32_DTYPES), proc.stdout[-4000:]
     for (arch, dtype), text in sections.items():
-        lines = [ln for ln in text if ln.startswith(("adapter_", "gated_attn_"))]
+        lines = [ln for ln in text if ln.startswith(("adapter_", "gated_attn_", "gca_"))]
         summary = "\n".join(text[-2:])
-        assert len(lines) == N_CONFIGS and f"{N_CONFIGS} configurations, " in summary, (arch, dtype, summary)
+        n = N_CONFIGS + N_GCA_CONFIGS
+        assert len(lines) == n and f"{n} configurations, " in summary, (arch, dtype, summary)
         limit = _common.SMEM_PER_BLOCK[arch]
         assert f"shared memory: 0 above sm_{arch}'s {limit} B per block" in summary, (arch, dtype, summary)
         assert not any("SHARED MEMORY" in ln for ln in lines), (arch, dtype)

@@ -8,9 +8,10 @@ import torch._inductor.config as _inductor_config
 
 from .adapter_block import adapter_block
 from .gated_attention import gated_attention
+from .gated_cross_attention import gated_cross_attention
 from .qformer_cross_attention import qformer_cross_attention
 
-__all__ = ["adapter_block", "gated_attention", "qformer_cross_attention"]
+__all__ = ["adapter_block", "gated_attention", "gated_cross_attention", "qformer_cross_attention"]
 
 _CACHE_KEY = "torch.ops.fastbridge"
 

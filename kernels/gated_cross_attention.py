@@ -1,0 +1,571 @@
+"""Flamingo-style gated cross-attention (Llama 3.2 Vision, IDEFICS), fused forward and backward.
+
+    out = g_h · softmax(q kᵀ·s over the keys row i may see) v          (0 for a row that sees nothing)
+
+Triton kernels and launchers only (autograd, validation: fastbridge/ops/gated_cross_attention.py).
+Layouts: q (B, H, Lq, D); k, v (B, Hkv, Lk, D), query head h reads KV head h // (H / Hkv) (GQA/MQA, never
+repeated); any strides with a unit last stride. The Lk keys are S segments of SEG keys (an image tile, an
+image's perceiver latents); VIS (B, Lq, S) uint8 says which segments each query row sees (HAS_VIS=False:
+one segment, every key visible). No dense Lq x Lk mask exists anywhere.
+
+Skipping. The launcher reduces VIS to a per-query-tile table STATE (B, n_tiles, S) int8 for the kernel's
+BLOCK_M: 0 = no row of the tile sees segment s, 1 = some rows do, 2 = every row does (rows past Lq count as
+seeing). Every kernel walks the keys segment by segment and skips a (tile, segment) pair in state 0, so the
+work grows with the visible (tile, segment) pairs, not with Lq x Lk. Key blocks start at each segment's
+first key (a segment's last block may be partial: SEG = 1601 = 25·64 + 1 costs 26 blocks of 64 instead of
+25.02); inside a segment every key has the same visibility, so the mask is a per-row vector plus the
+segment's end. A state-2 segment's whole blocks run without any mask (the forward's unmasked pass).
+
+Forward (a program per (query tile, b·h)): online softmax (exp2 domain) over the visible segments; writes
+out = g·o and lse (B, H, Lq) fp32 (natural log, -inf for a row that sees nothing). Decode (Lq within one
+query tile, many key blocks, few B·H programs: generate with cached cross-attention K/V): the (segment, key
+block) pairs are split across programs (split kernel, unnormalised partials) and a combine kernel merges them
+by log-sum-exp rescaling, gates and writes out and lse (flash-decoding, as gated_attention's decode path).
+Backward, FlashAttention-2 style recomputation from lse:
+  pre   per (row tile, b·h): Δ = rowsum(dout · out) (= rowsum(dO_inner · o) with dO_inner = g·dout).
+  dkdv  per (segment block of keys, b·hkv): loops over the group's query heads and the query tiles whose
+        state for the segment is not 0; dk, dv accumulated in registers (no atomics). dv = Σ g·Pᵀ dout.
+  dq    per (query tile, b·h): the visible segments' keys; with a gate also dg's partial
+        Σ_rows Σ_keys P ∘ (dout vᵀ) (= Σ dout · o, exact at g = 0, where out = 0 says nothing about o).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import gated_attention as _GA
+from ._common import device_arch, dot_precision, empty, pow2_at_least, pre_hopper, sm_count, small_smem
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _row_visibility(VIS, row0, offs_m, mask_m, s, S, HAS_VIS: tl.constexpr):
+    """(BLOCK_M,) bool: the tile's rows (row0 = b·Lq, int64) that see segment s (rows past Lq: False)."""
+    if HAS_VIS:
+        return (tl.load(VIS + (row0 + offs_m) * S + s, mask=mask_m, other=0) != 0) & mask_m
+    return mask_m
+
+
+@triton.jit
+def _segment_state(STATE, b64, tile, n_tiles, s, S, HAS_VIS: tl.constexpr):
+    """0: no row of the query tile sees segment s; 1: some rows; 2: every row (HAS_VIS=False: always 2)."""
+    if HAS_VIS:
+        return tl.load(STATE + (b64 * n_tiles + tile) * S + s).to(tl.int32)
+    return 2
+
+
+@triton.jit
+def _fwd_pass(q, k_base, v_base, skn, svn, lo, hi, acc, m_i, l_i, vis_base, S, offs_m, mask_m, offs_d, mask_d,
+              qk_scale, MASKED: tl.constexpr, HAS_VIS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax over keys [lo, hi) of one segment, continuing (acc, m, l). MASKED=False: every row
+    sees the segment and the range is whole blocks (no per-element mask at all)."""
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            mask_n = offs_n < hi
+            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                        other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if MASKED:
+            row_vis = mask_m
+            if HAS_VIS:  # vis_base: VIS + b·Lq·S + segment; every key of the segment shares it
+                row_vis = (tl.load(vis_base + offs_m * S, mask=mask_m, other=0) != 0) & mask_m
+            s = tl.where(row_vis[:, None] & mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                        other=0.0)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _query_tile(pid_m, pid_bh, H, GROUP, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Batch / head / KV-head indices (int64) and the row / column offsets and masks of a query tile."""
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64), offs_m, offs_d, offs_m < Lq, offs_d < D
+
+
+@triton.jit
+def _gca_fwd_kernel(
+    Q, K, V, VIS, STATE, G, OUT, LSE,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+    H, GROUP, Lq, D, S, SEG, n_tiles, qk_scale,
+    HAS_VIS: tl.constexpr, HAS_GATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b64, h64, hk64, offs_m, offs_d, mask_m, mask_d = _query_tile(pid_m, pid_bh, H, GROUP, Lq, D, BLOCK_M, BLOCK_D)
+    q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    k_base = K + b64 * skb + hk64 * skh
+    v_base = V + b64 * svb + hk64 * svh
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for s in range(0, S):
+        # A segment no row of the tile sees gets an empty key range (lo == hi): skipped, no branch.
+        lo = s * SEG
+        hi = lo + SEG
+        mid = lo + SEG // BLOCK_N * BLOCK_N  # whole blocks: unmasked when every row sees the segment
+        if HAS_VIS:
+            state = _segment_state(STATE, b64, pid_m, n_tiles, s, S, HAS_VIS)
+            hi = tl.where(state > 0, hi, lo)
+            mid = tl.where(state == 2, mid, lo)
+        vis_base = VIS + b64 * Lq * S + s
+        acc, m_i, l_i = _fwd_pass(q, k_base, v_base, skn, svn, lo, mid, acc, m_i, l_i, vis_base, S, offs_m, mask_m,
+                                  offs_d, mask_d, qk_scale, False, HAS_VIS, BLOCK_N, DOT_PREC)
+        acc, m_i, l_i = _fwd_pass(q, k_base, v_base, skn, svn, mid, hi, acc, m_i, l_i, vis_base, S, offs_m, mask_m,
+                                  offs_d, mask_d, qk_scale, True, HAS_VIS, BLOCK_N, DOT_PREC)
+    has_keys = l_i > 0.0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if HAS_GATE:
+        o = o * tl.load(G + h64).to(tl.float32)
+    tl.store(OUT + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :], o.to(OUT.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * _LN2, float("-inf"))
+    tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _gca_fwd_split_kernel(
+    Q, K, V, VIS, STATE, ACC_PART, ML_PART,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+    H, GROUP, Lq, D, S, SEG, blocks_per_seg, blocks_per_split,
+    qk_scale,
+    HAS_VIS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Decode (Lq <= BLOCK_M, one query tile): the (segment, key block) pairs split across programs; each writes
+    its unnormalised partial (acc, m, l) (flash-decoding). Unseen segments' blocks get an empty key range."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b64, h64, hk64, offs_m, offs_d, mask_m, mask_d = _query_tile(0, pid_bh, H, GROUP, Lq, D, BLOCK_M, BLOCK_D)
+    q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    k_base = K + b64 * skb + hk64 * skh
+    v_base = V + b64 * svb + hk64 * svh
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    first = pid_s * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, S * blocks_per_seg)
+    for i in range(first, last):
+        s = i // blocks_per_seg
+        lo = s * SEG + (i % blocks_per_seg) * BLOCK_N
+        hi = tl.minimum(lo + BLOCK_N, s * SEG + SEG)
+        if HAS_VIS:
+            hi = tl.where(_segment_state(STATE, b64, 0, 1, s, S, HAS_VIS) > 0, hi, lo)
+        acc, m_i, l_i = _fwd_pass(q, k_base, v_base, skn, svn, lo, hi, acc, m_i, l_i, VIS + b64 * Lq * S + s, S,
+                                  offs_m, mask_m, offs_d, mask_d, qk_scale, True, HAS_VIS, BLOCK_N, DOT_PREC)
+    part = pid_s.to(tl.int64) * tl.num_programs(1) + pid_bh
+    tl.store(ACC_PART + (part * BLOCK_M + offs_m[:, None]) * BLOCK_D + offs_d[None, :], acc)
+    tl.store(ML_PART + (part * 2) * BLOCK_M + offs_m, m_i)
+    tl.store(ML_PART + (part * 2 + 1) * BLOCK_M + offs_m, l_i)
+
+
+@triton.jit
+def _gca_fwd_combine_kernel(
+    G, ACC_PART, ML_PART, OUT, LSE, sob, soh, som, H, Lq, D, n_splits,
+    HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Merge the split partials (log-sum-exp rescaling), gate, write out and lse (DOT_PREC: uniform signature)."""
+    pid_bh = tl.program_id(0)
+    b64 = (pid_bh // H).to(tl.int64)
+    h64 = (pid_bh % H).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < Lq
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s_i in range(0, n_splits):
+        part = pid_bh.to(tl.int64) + s_i * tl.num_programs(0)
+        m_s = tl.load(ML_PART + (part * 2) * BLOCK_M + offs_m)
+        l_s = tl.load(ML_PART + (part * 2 + 1) * BLOCK_M + offs_m)
+        acc_s = tl.load(ACC_PART + (part * BLOCK_M + offs_m[:, None]) * BLOCK_D + offs_d[None, :])
+        m_new = tl.maximum(m_i, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a_old = tl.exp2(m_i - m_safe)
+        a_new = tl.exp2(m_s - m_safe)
+        l_i = l_i * a_old + l_s * a_new
+        acc = acc * a_old[:, None] + acc_s * a_new[:, None]
+        m_i = m_new
+    has_keys = l_i > 0.0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if HAS_GATE:
+        o = o * tl.load(G + h64).to(tl.float32)
+    tl.store(OUT + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :], o.to(OUT.dtype.element_ty),
+             mask=mask_m[:, None] & (offs_d < D)[None, :])
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * _LN2, float("-inf"))
+    tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _gca_bwd_pre_kernel(
+    OUT, DO, DELTA, sob, soh, som, sdob, sdoh, sdom, H, Lq, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Δ = rowsum(dout · out) in fp32 (no dot: DOT_PREC only keeps the launch signature uniform)."""
+    pid_bh = tl.program_id(1)
+    b64 = (pid_bh // H).to(tl.int64)
+    h64 = (pid_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < Lq
+    mask = mask_m[:, None] & (offs_d < D)[None, :]
+    o = tl.load(OUT + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b64 * sdob + h64 * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=mask, other=0.0)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=mask_m)
+
+
+@triton.jit
+def _gca_bwd_dkdv_kernel(
+    Q, K, V, DO, VIS, STATE, G, LSE, DELTA, DK, DV,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+    H, Hkv, Lq, D, S, SEG, blocks_per_seg, n_tiles, qk_scale,
+    GROUP: tl.constexpr, HAS_VIS: tl.constexpr, HAS_GATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b64 = (pid_bk // Hkv).to(tl.int64)
+    hk64 = (pid_bk % Hkv).to(tl.int64)
+    s = pid_n // blocks_per_seg
+    in_seg = (pid_n % blocks_per_seg) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = s * SEG + in_seg
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = in_seg < SEG
+    mask_d = offs_d < D
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    dtype = Q.dtype.element_ty
+    k = tl.load(K + b64 * skb + hk64 * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * svb + hk64 * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g_i in range(GROUP):
+        h64 = hk64 * GROUP + g_i
+        bh = b64 * H + h64
+        g = 1.0
+        if HAS_GATE:
+            g = tl.load(G + h64).to(tl.float32)
+        for t in range(0, n_tiles):
+            if _segment_state(STATE, b64, t, n_tiles, s, S, HAS_VIS) > 0:
+                offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+                mask_m = offs_m < Lq
+                qmask = mask_m[:, None] & mask_d[None, :]
+                q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=qmask,
+                            other=0.0)
+                do = tl.load(DO + b64 * sdob + h64 * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=qmask,
+                             other=0.0)
+                lse = tl.load(LSE + bh * Lq + offs_m, mask=mask_m, other=float("inf"))
+                lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows without keys: P = 0
+                delta = tl.load(DELTA + bh * Lq + offs_m, mask=mask_m, other=0.0)
+                row_vis = _row_visibility(VIS, b64 * Lq, offs_m, mask_m, s, S, HAS_VIS)
+                sc = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+                p = tl.exp2(sc - (lse * _LOG2E)[:, None])
+                p = tl.where(row_vis[:, None] & mask_n[None, :], p, 0.0)
+                if HAS_GATE:  # dv = Σ g·Pᵀ dout: g applied in fp32 after the dot
+                    dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=DOT_PREC) * g
+                else:
+                    dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=DOT_PREC)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+                ds = (p * (dp * g - delta[:, None])).to(dtype)
+                dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PREC)
+    dk = dk * (qk_scale * _LN2)
+    tl.store(DK + b64 * sdkb + hk64 * sdkh + offs_n[:, None] * sdkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(DV + b64 * sdvb + hk64 * sdvh + offs_n[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=kv_mask)
+
+
+@triton.jit
+def _gca_bwd_dq_kernel(
+    Q, K, V, DO, VIS, STATE, G, LSE, DELTA, DQ, DG_PART,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
+    H, GROUP, Lq, D, S, SEG, n_tiles, qk_scale,
+    HAS_VIS: tl.constexpr, HAS_GATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b64, h64, hk64, offs_m, offs_d, mask_m, mask_d = _query_tile(pid_m, pid_bh, H, GROUP, Lq, D, BLOCK_M, BLOCK_D)
+    qmask = mask_m[:, None] & mask_d[None, :]
+    dtype = Q.dtype.element_ty
+    q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + b64 * sdob + h64 * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=qmask, other=0.0)
+    row = pid_bh.to(tl.int64) * Lq + offs_m
+    lse = tl.load(LSE + row, mask=mask_m, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + row, mask=mask_m, other=0.0)
+    g = 1.0
+    if HAS_GATE:
+        g = tl.load(G + h64).to(tl.float32)
+    k_base = K + b64 * skb + hk64 * skh
+    v_base = V + b64 * svb + hk64 * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dg = tl.zeros([BLOCK_M], tl.float32)
+    for s in range(0, S):
+        if _segment_state(STATE, b64, pid_m, n_tiles, s, S, HAS_VIS) > 0:
+            row_vis = _row_visibility(VIS, b64 * Lq, offs_m, mask_m, s, S, HAS_VIS)
+            hi = s * SEG + SEG
+            for n0 in range(s * SEG, hi, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < hi
+                kv_mask = mask_n[:, None] & mask_d[None, :]
+                k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+                v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+                sc = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+                p = tl.exp2(sc - (lse * _LOG2E)[:, None])
+                p = tl.where(row_vis[:, None] & mask_n[None, :], p, 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+                if HAS_GATE:
+                    dg += tl.sum(p * dp, 1)
+                ds = p * (dp * g - delta[:, None])
+                dq += tl.dot(ds.to(dtype), k, input_precision=DOT_PREC)
+    dq = dq * (qk_scale * _LN2)
+    tl.store(DQ + b64 * sdqb + h64 * sdqh + offs_m[:, None] * sdqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=qmask)
+    if HAS_GATE:
+        tl.store(DG_PART + pid_m.to(tl.int64) * tl.num_programs(1) + pid_bh, tl.sum(dg, 0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers. The tile configurations are gated_attention's (fwd_config / bwd_config): the same loop bodies
+# less the prefix branch; python -m fastbridge.sm90_check compiles them for this kernel too.
+# --------------------------------------------------------------------------------------------------
+def fwd_config(D: int, Lq: int, arch: int, elem_size: int = 2) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): gated_attention's forward tiles (kernels/gated_attention.py:
+    fwd_config), except where this kernel's segment loop makes ptxas spill (Triton 3.9, 2-byte inputs; python -m
+    fastbridge.sm90_check --arch all): the decode tile at D > 64 on every arch, and a few entries before Hopper.
+    Those get the neighbour that compiles without a stack frame. fp32 keeps gated_attention's (spills allowed)."""
+    block_m, block_n, warps, stages = _GA.fwd_config(D, Lq, arch, elem_size)
+    if block_m == 16 and elem_size == 2:  # decode tile, every arch
+        if D > 128:
+            block_n = 16
+        elif D > 64:
+            stages = 1
+    elif pre_hopper(arch) and elem_size == 2:
+        if arch < 86 and 16 < D <= 32:  # sm_80
+            block_n = 32
+        elif small_smem(arch, 4) and D > 128:  # sm_86 / sm_89 (99 KB): 4 warps on the 32-row tile
+            warps = 4
+    return block_m, block_n, warps, stages
+
+
+def bwd_config(D: int, arch: int, elem_size: int = 2) -> dict[str, tuple[int, int, int, int]]:
+    """Per backward kernel (pre, dkdv, dq): gated_attention's backward tiles (its bwd_config), except the
+    entries that spill here before Hopper (2-byte inputs), as fwd_config."""
+    cfg = dict(_GA.bwd_config(D, arch, elem_size))
+    if pre_hopper(arch) and elem_size == 2 and D <= 16:
+        cfg["dkdv"] = (32, 32, 4, 2)
+    return cfg
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _s3(t: torch.Tensor):
+    """(batch, head, row) strides."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def key_block(block_n: int, seg: int) -> int:
+    """Keys per block: the configuration's, shrunk to the segment (at least 16, tl.dot's minimum) so that a
+    short segment (a few perceiver latents) does not pay for a whole 64-key block."""
+    return min(block_n, pow2_at_least(seg))
+
+
+@triton.jit
+def _tile_state_kernel(VIS, STATE, Lq, S, n_tiles, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+                       DOT_PREC: tl.constexpr):
+    """STATE[b, t, s] = any + (any & all) over the rows of query tile t of VIS[b, :, s] (rows past Lq: seeing)."""
+    t = tl.program_id(0)
+    b64 = tl.program_id(1).to(tl.int64)
+    offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_rows = offs_m < Lq
+    for s0 in range(0, S, BLOCK_S):
+        cols = s0 + tl.arange(0, BLOCK_S)
+        mask_s = cols < S
+        v = tl.load(VIS + (b64 * Lq + offs_m[:, None]) * S + cols[None, :], mask=in_rows[:, None] & mask_s[None, :],
+                    other=0) != 0
+        any_ = tl.max(v.to(tl.int32), 0)
+        all_ = tl.min((v | (offs_m >= Lq)[:, None]).to(tl.int32), 0)
+        tl.store(STATE + (b64 * n_tiles + t) * S + cols, (any_ + (any_ & all_)).to(tl.int8), mask=mask_s)
+
+
+def tile_state_reference(vis: torch.Tensor, block_m: int) -> torch.Tensor:
+    """What _tile_state_kernel computes, in torch (tests)."""
+    B, Lq, S = vis.shape
+    n_tiles = triton.cdiv(Lq, block_m)
+    pad = n_tiles * block_m - Lq
+    any_ = F.pad(vis, (0, 0, 0, pad), value=False).view(B, n_tiles, block_m, S).any(2)
+    all_ = F.pad(vis, (0, 0, 0, pad), value=True).view(B, n_tiles, block_m, S).all(2)
+    return any_.to(torch.int8) + (any_ & all_).to(torch.int8)
+
+
+def tile_state(vis: torch.Tensor | None, block_m: int, vis_u8: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor | None, int]:
+    """STATE (B, n_tiles, S) int8 for query tiles of block_m rows: 0 = no row sees the segment, 1 = some do,
+    2 = all do (rows past Lq count as seeing). One small kernel, O(B·Lq·S) bytes read, never Lq x Lk.
+    Call under the tensors' device guard; vis_u8: vis already as contiguous uint8."""
+    if vis is None:
+        return None, 0
+    B, Lq, S = vis.shape
+    n_tiles = triton.cdiv(Lq, block_m)
+    state = torch.empty((B, n_tiles, S), dtype=torch.int8, device=vis.device)  # every entry written
+    if state.numel():
+        u8 = vis_u8 if vis_u8 is not None else vis.contiguous().view(torch.uint8)
+        _tile_state_kernel[(n_tiles, B)](u8, state, Lq, S, n_tiles, BLOCK_M=block_m,
+                                         BLOCK_S=min(pow2_at_least(S, 1), 32), DOT_PREC="ieee", num_warps=4)
+    return state, n_tiles
+
+
+def _vis_arg(vis, dummy):
+    return (vis.contiguous().view(torch.uint8), True) if vis is not None else (dummy, False)
+
+
+def _segments(vis, Lk: int, seg: int) -> tuple[int, int]:
+    """(S, SEG): without visibility one segment of Lk keys."""
+    return (vis.shape[2], seg) if vis is not None else (1, Lk)
+
+
+def decode_splits(programs: int, Lq: int, n_blocks: int, block_m: int, device) -> int:
+    """Key-block splits of the forward: > 1 only when one query tile covers Lq (decode: generate with cached
+    cross-attention K/V) and B·H programs alone would leave most of the GPU idle; each split keeps >= 4 of the
+    n_blocks (segment, key block) pairs."""
+    if Lq > block_m or n_blocks <= 4:
+        return 1
+    want = triton.cdiv(2 * sm_count(device), programs)
+    return max(1, min(want, n_blocks // 4))
+
+
+def gated_cross_attention_forward(q, k, v, vis, seg, g, scale):
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    q, k, v = (_unit_last(t) for t in (q, k, v))
+    out = empty((B, H, Lq, D), q.dtype, q.device)
+    lse = empty((B, H, Lq), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse
+    S, SEG = _segments(vis, Lk, seg)
+    block_m, block_n, warps, stages = fwd_config(D, Lq, device_arch(q.device), q.element_size())
+    block_n = key_block(block_n, SEG)
+    vis_t, has_vis = _vis_arg(vis, q)
+    g_t = g.float().contiguous() if g is not None else q
+    block_d, prec, qk_scale = pow2_at_least(D), dot_precision(q.dtype), scale * math.log2(math.e)
+    blocks_per_seg = triton.cdiv(SEG, block_n)
+    splits = decode_splits(B * H, Lq, S * blocks_per_seg, block_m, q.device)
+    with _device_guard(q):
+        state, n_tiles = tile_state(vis, block_m, vis_t if has_vis else None)
+        state_t = state if state is not None else q
+        if splits == 1:
+            _gca_fwd_kernel[(triton.cdiv(Lq, block_m), B * H)](
+                q, k, v, vis_t, state_t, g_t, out, lse,
+                *_s3(q), *_s3(k), *_s3(v), *_s3(out),
+                H, H // Hkv, Lq, D, S, SEG, n_tiles, qk_scale,
+                HAS_VIS=has_vis, HAS_GATE=g is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps, num_stages=stages,
+            )
+            return out, lse
+        # Decode: the key blocks split across programs so that B·H·splits programs fill the GPU.
+        blocks_per_split = triton.cdiv(S * blocks_per_seg, splits)
+        splits = triton.cdiv(S * blocks_per_seg, blocks_per_split)
+        acc_part = empty((splits, B * H, block_m, block_d), torch.float32, q.device)
+        ml_part = empty((splits, B * H, 2, block_m), torch.float32, q.device)
+        _gca_fwd_split_kernel[(splits, B * H)](
+            q, k, v, vis_t, state_t, acc_part, ml_part,
+            *_s3(q), *_s3(k), *_s3(v),
+            H, H // Hkv, Lq, D, S, SEG, blocks_per_seg, blocks_per_split, qk_scale,
+            HAS_VIS=has_vis, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PREC=prec,
+            num_warps=warps, num_stages=stages,
+        )
+        _gca_fwd_combine_kernel[(B * H,)](
+            g_t, acc_part, ml_part, out, lse, *_s3(out), H, Lq, D, splits,
+            HAS_GATE=g is not None, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec,
+            num_warps=4, num_stages=1,
+        )
+    return out, lse
+
+
+def gated_cross_attention_backward(dout, q, k, v, vis, seg, g, out, lse, scale):
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    dev = q.device
+    q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
+    group = H // Hkv
+    dq = empty(q.shape, q.dtype, dev)
+    dk = empty(k.shape, k.dtype, dev)
+    dv = empty(v.shape, v.dtype, dev)
+    dg_empty = torch.zeros((0,), dtype=torch.float32, device=dev)
+    if B * H * Lq == 0 or Lk == 0:
+        return (q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape),
+                dg_empty if g is None else torch.zeros_like(g))
+    S, SEG = _segments(vis, Lk, seg)
+    qk_scale = scale * math.log2(math.e)
+    prec = dot_precision(q.dtype)
+    cfg = bwd_config(D, device_arch(dev), q.element_size())
+    block_d = pow2_at_least(D)
+    vis_t, has_vis = _vis_arg(vis, q)
+    has_gate = g is not None
+    g_t = g.float().contiguous() if has_gate else q
+
+    with _device_guard(q):
+        delta = empty((B, H, Lq), torch.float32, dev)
+        block_m, _, warps, stages = cfg["pre"]
+        _gca_bwd_pre_kernel[(triton.cdiv(Lq, block_m), B * H)](
+            out, dout, delta, *_s3(out), *_s3(dout), H, Lq, D,
+            BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps, num_stages=1,
+        )
+
+        block_m, block_n, warps, stages = cfg["dkdv"]
+        block_n = key_block(block_n, SEG)
+        state, n_tiles = tile_state(vis, block_m, vis_t if has_vis else None)
+        blocks_per_seg = triton.cdiv(SEG, block_n)
+        _gca_bwd_dkdv_kernel[(S * blocks_per_seg, B * Hkv)](
+            q, k, v, dout, vis_t, state if state is not None else q, g_t, lse, delta, dk, dv,
+            *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(dk), *_s3(dv),
+            H, Hkv, Lq, D, S, SEG, blocks_per_seg, n_tiles if has_vis else triton.cdiv(Lq, block_m), qk_scale,
+            GROUP=group, HAS_VIS=has_vis, HAS_GATE=has_gate, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            DOT_PREC=prec, num_warps=warps, num_stages=stages,
+        )
+
+        block_m, block_n, warps, stages = cfg["dq"]
+        block_n = key_block(block_n, SEG)
+        state, n_tiles = tile_state(vis, block_m, vis_t if has_vis else None)
+        q_tiles = triton.cdiv(Lq, block_m)
+        dg_part = empty((q_tiles, B * H), torch.float32, dev) if has_gate else dg_empty
+        _gca_bwd_dq_kernel[(q_tiles, B * H)](
+            q, k, v, dout, vis_t, state if state is not None else q, g_t, lse, delta, dq, dg_part,
+            *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(dq),
+            H, group, Lq, D, S, SEG, n_tiles, qk_scale,
+            HAS_VIS=has_vis, HAS_GATE=has_gate, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            DOT_PREC=prec, num_warps=warps, num_stages=stages,
+        )
+    dg = dg_part.view(q_tiles, B, H).sum((0, 1)).to(g.dtype) if has_gate else dg_empty
+    return dq, dk, dv, dg
