@@ -244,3 +244,28 @@ def test_bad_options_name_the_argument():
         gated_attention(*args, scale=-1.0)
     with pytest.raises(ValueError, match="'causal' must be a bool"):
         gated_attention(*args, causal=1)
+
+
+# Prompts longer than one prompt tile (kernels/gated_attention._prefix_block: 64 keys): the forward's and
+# dq's prompt loops and the backward "pre" kernel's prompt-tile programs (issue 16, item 1).
+LONG_PROMPTS = [
+    pytest.param(2, 2, 1, 7, 9, 65, 16, dict(), id="P65-shared-gqa"),
+    pytest.param(2, 2, 2, 11, 5, 130, 16, dict(per_sample=True, kpm="partial"), id="P130-per-sample"),
+    pytest.param(2, 2, 1, 13, 13, 130, 16, dict(causal=False), id="P130-shared-noncausal"),
+    pytest.param(1, 2, 1, 70, 70, 129, 16, dict(), id="P129-row-chunks"),
+    pytest.param(1, 2, 1, 1, 600, 130, 16, dict(), id="P130-decode-split"),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("B,H,Hkv,Lq,Lk,P,D,opts", LONG_PROMPTS)
+def test_long_prompts_match_float64_reference(B, H, Hkv, Lq, Lk, P, D, opts, dq_mode):
+    device = kernel_devices()[0]
+    dtype = torch.float32
+    t, kw = make_inputs(B, H, Hkv, Lq, Lk, P, D, opts, dtype, device)
+    dout = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+    out, grads = run(t, kw, dout, "kernel")
+    out64, g64 = reference64(t, kw, dout)
+    assert_close(out, out64, dtype, "out")
+    for n in NAMES:
+        assert_close(grads[n], g64[n], dtype, f"d{n}")
