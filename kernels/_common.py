@@ -1,6 +1,7 @@
 """Helpers shared by the Triton launchers (no nn / autograd here)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -18,6 +19,28 @@ def empty(shape, dtype, device) -> torch.Tensor:
     if poison_enabled() and t.numel():
         t.fill_(float("nan"))
     return t
+
+
+def device_guard(device: torch.device):
+    """The context a kernel launch on ``device`` runs under: Triton launches on the *current* CUDA device and
+    its current stream, so tensors on another GPU (cuda:1 with device 0 current: HF device_map="auto",
+    pipeline splits) need it made current, as the C++ extension's device guard does. Nothing on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def on_tensor_device(launcher):
+    """Decorator for a launcher: runs it under device_guard of its first tensor argument's device, so every
+    kernel it launches (and the current stream Triton takes) belongs to the tensors' GPU."""
+
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        device = next(a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        with device_guard(device):  # looked up at each call (tests/test_gated_attention.py replaces it)
+            return launcher(*args, **kwargs)
+
+    return run
 
 
 @functools.lru_cache(maxsize=None)

@@ -232,3 +232,14 @@ def test_bad_activation_and_eps():
         call(_good(), "tanh")
     with pytest.raises(ValueError, match="'eps' must be a positive float"):
         call(_good(), "gelu", eps=0.0)
+
+
+@needs_kernels
+def test_every_launch_runs_under_the_tensors_device(monkeypatch):
+    from fastbridge.kernels import adapter_block as K
+    from test_gated_attention import guarded_launches
+
+    launched = guarded_launches(monkeypatch, K)
+    t = make_inputs((5,), 24, 8, dict(ln=True, ln_bias=True, gate=True), torch.float32, kernel_devices()[0])
+    run_with_grads(t, "gelu", torch.randn(5, 24).to(t["x"].device), "kernel")
+    assert set(launched) == {n for n in dir(K) if n.endswith("_kernel")}

@@ -1,6 +1,8 @@
 """fastbridge.ops.gated_attention: fused kernels against the float64 reference, every gradient."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -269,3 +271,65 @@ def test_long_prompts_match_float64_reference(B, H, Hkv, Lq, Lk, P, D, opts, dq_
     assert_close(out, out64, dtype, "out")
     for n in NAMES:
         assert_close(grads[n], g64[n], dtype, f"d{n}")
+
+
+# ------------------------------------------------------------------------------- launch device (item 2)
+def guarded_launches(monkeypatch, module):
+    """Replace kernels/_common.device_guard with a recording one and every ``*_kernel`` of ``module`` with a
+    proxy that fails a launch made outside the guard (or under another device's guard). Returns the list
+    of launched kernel names."""
+    from fastbridge.kernels import _common as KC
+
+    active, launched = [], []
+    real_guard = KC.device_guard
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        with real_guard(device):
+            active.append(device)
+            try:
+                yield
+            finally:
+                active.pop()
+
+    class Checked:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                device = next(a.device for a in args if isinstance(a, torch.Tensor))
+                assert active, f"{self.name} launched outside kernels/_common.device_guard"
+                assert active[-1] == device, f"{self.name}: guard for {active[-1]}, tensors on {device}"
+                launched.append(self.name)
+                return self.fn[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(KC, "device_guard", recording_guard)
+    for name in dir(module):
+        if name.endswith("_kernel"):
+            monkeypatch.setattr(module, name, Checked(name, getattr(module, name)))
+    return launched
+
+
+@needs_kernels
+def test_every_launch_runs_under_the_tensors_device(monkeypatch):
+    from fastbridge.kernels import gated_attention as K
+
+    launched = guarded_launches(monkeypatch, K)
+    device = kernel_devices()[0]
+    for mode in K.DQ_MODES:
+        monkeypatch.setenv(K.DQ_ENV, mode)
+        for shape in ((1, 2, 1, 9, 11, 3, 16), (1, 2, 1, 1, 600, 3, 16)):  # prefill; decode (split + combine)
+            t, kw = make_inputs(*shape, dict(), torch.float32, device)
+            run(t, kw, torch.randn(shape[0], shape[1], shape[3], shape[6]).to(device), "kernel")
+    assert set(launched) == {n for n in dir(K) if n.endswith("_kernel")}
+
+
+def test_device_guard_makes_the_tensors_gpu_current():
+    from fastbridge.kernels import _common as KC
+
+    assert isinstance(KC.device_guard(torch.device("cpu")), contextlib.nullcontext)
+    guard = KC.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
