@@ -104,11 +104,26 @@ def device_arch(device: torch.device) -> int:
     return H100_ARCH
 
 
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether torch would run an fp32 CUDA matmul in TF32 now: torch.backends.cuda.matmul.fp32_precision
+    ("tf32" / "ieee"; it inherits torch.backends.fp32_precision), or where that is "none" the legacy
+    torch.get_float32_matmul_precision() ("high" / "medium": TF32; "highest", the default: not)."""
+    new_api = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if new_api in ("tf32", "ieee"):
+        return new_api == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow torch's matmul precision setting (TF32 only where torch would use it)."""
+    """input_precision of the kernels' tl.dot: fp16 / bf16 inputs "ieee" (tensor cores, fp32 accumulation).
+    fp32 inputs follow torch's matmul precision: "tf32" where torch would use TF32 ("high"), otherwise
+    (the default "highest") "tf32x3" -- three TF32 products per dot with a split of each operand into a
+    TF32 head and tail, fp32-level accuracy (relative error ~1e-6 against float64, like ieee FMA) on tensor
+    cores, where "ieee" would run the dots as FMA on the CUDA cores. The Triton interpreter computes every
+    precision as an fp32 numpy matmul: the TF32 rounding is only visible on a GPU."""
     if dtype != torch.float32:
         return "ieee"
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32" if fp32_matmul_allows_tf32() else "tf32x3"
 
 
 def pow2_at_least(n: int, lo: int = 16) -> int:

@@ -552,9 +552,11 @@ def shared_memory_gap(arch: int, elem_size: int, D: int, dot_prec: str, backward
                       triton_version: str = triton.__version__) -> str | None:
     """Why no launch configuration fits this arch's shared memory, or None. One case is known (sm90_check
     --dtype fp32-tf32 under Triton 3.6): fp32 with TF32 dots at D > 128 on a 99 KB GPU, where Triton before
-    3.9 gives the backward's pre / atomic-dQ kernels 114688 B even at their smallest tiles (3.9: 64 KB)."""
+    3.9 gives the backward's pre / atomic-dQ kernels 114688 B even at their smallest tiles (3.9: 64 KB).
+    3xTF32 ("tf32x3", fp32 under torch's "highest") stages the same fp32 operand tiles: assumed the same
+    (not compiled under Triton 3.6 here)."""
     major_minor = tuple(int(x) for x in triton_version.split(".")[:2] if x.isdigit())
-    if (backward and elem_size > 2 and dot_prec == "tf32" and D > 128 and small_smem(arch, elem_size)
+    if (backward and elem_size > 2 and dot_prec in ("tf32", "tf32x3") and D > 128 and small_smem(arch, elem_size)
             and major_minor < (3, 9)):
         return (f"with Triton {triton_version} the fp32 (TF32) backward at head dim {D} needs 114688 B of shared "
                 f"memory per block, sm_{arch} allows {smem_per_block(arch)} (Triton >= 3.9 fits)")

@@ -242,4 +242,29 @@ def test_every_launch_runs_under_the_tensors_device(monkeypatch):
     launched = guarded_launches(monkeypatch, K)
     t = make_inputs((5,), 24, 8, dict(ln=True, ln_bias=True, gate=True), torch.float32, kernel_devices()[0])
     run_with_grads(t, "gelu", torch.randn(5, 24).to(t["x"].device), "kernel")
-    assert set(launched) == {n for n in dir(K) if n.endswith("_kernel")}
+    assert {name for name, _ in launched} == {n for n in dir(K) if n.endswith("_kernel")}
+
+
+@needs_kernels
+@pytest.mark.parametrize("torch_setting,dot_prec,tol_dtype", [("highest", "tf32x3", torch.float32),
+                                                              ("high", "tf32", torch.float16)])
+def test_fp32_precisions_match_float64(torch_setting, dot_prec, tol_dtype, monkeypatch):
+    """fp32 dots follow torch's matmul precision (3xTF32 under "highest", TF32 under "high"), each within the
+    tolerance it earns (TF32: fp16's 10 mantissa bits). The interpreter computes every precision in fp32."""
+    from fastbridge.kernels import adapter_block as K
+    from test_gated_attention import guarded_launches
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(torch_setting)
+    try:
+        launched = guarded_launches(monkeypatch, K)
+        t = make_inputs((2, 19), 70, 13, dict(ln=True, ln_bias=True, gate=True), torch.float32, kernel_devices()[0])
+        dy = torch.randn(2, 19, 70, generator=torch.Generator().manual_seed(1)).to(t["x"].device)
+        y, grads = run_with_grads(t, "gelu", dy, "kernel")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    y64, g64 = reference64(t, "gelu", dy)
+    assert_close(y, y64, tol_dtype, f"y ({dot_prec})")
+    for n in grads:
+        assert_close(grads[n], g64[n], tol_dtype, f"d{n} ({dot_prec})")
+    assert {kwargs["DOT_PREC"] for _, kwargs in launched} == {dot_prec}

@@ -277,7 +277,7 @@ def test_long_prompts_match_float64_reference(B, H, Hkv, Lq, Lk, P, D, opts, dq_
 def guarded_launches(monkeypatch, module):
     """Replace kernels/_common.device_guard with a recording one and every ``*_kernel`` of ``module`` with a
     proxy that fails a launch made outside the guard (or under another device's guard). Returns the list
-    of launched kernel names."""
+    of (kernel name, launch keyword arguments)."""
     from fastbridge.kernels import _common as KC
 
     active, launched = [], []
@@ -301,7 +301,7 @@ def guarded_launches(monkeypatch, module):
                 device = next(a.device for a in args if isinstance(a, torch.Tensor))
                 assert active, f"{self.name} launched outside kernels/_common.device_guard"
                 assert active[-1] == device, f"{self.name}: guard for {active[-1]}, tensors on {device}"
-                launched.append(self.name)
+                launched.append((self.name, kwargs))
                 return self.fn[grid](*args, **kwargs)
 
             return launch
@@ -324,7 +324,7 @@ def test_every_launch_runs_under_the_tensors_device(monkeypatch):
         for shape in ((1, 2, 1, 9, 11, 3, 16), (1, 2, 1, 1, 600, 3, 16)):  # prefill; decode (split + combine)
             t, kw = make_inputs(*shape, dict(), torch.float32, device)
             run(t, kw, torch.randn(shape[0], shape[1], shape[3], shape[6]).to(device), "kernel")
-    assert set(launched) == {n for n in dir(K) if n.endswith("_kernel")}
+    assert {name for name, _ in launched} == {n for n in dir(K) if n.endswith("_kernel")}
 
 
 def test_device_guard_makes_the_tensors_gpu_current():
@@ -333,3 +333,53 @@ def test_device_guard_makes_the_tensors_gpu_current():
     assert isinstance(KC.device_guard(torch.device("cpu")), contextlib.nullcontext)
     guard = KC.device_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+# ------------------------------------------------------------------------- fp32 dot precision (item 6)
+@pytest.fixture
+def matmul_precision():
+    """Set torch's fp32 matmul precision for one test, restored after."""
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+def test_dot_precision_follows_torch(matmul_precision, monkeypatch):
+    from types import SimpleNamespace
+
+    from fastbridge.kernels._common import dot_precision
+
+    for torch_setting, expected in (("highest", "tf32x3"), ("high", "tf32"), ("medium", "tf32")):
+        matmul_precision(torch_setting)
+        assert dot_precision(torch.float32) == expected, torch_setting
+        assert dot_precision(torch.float16) == dot_precision(torch.bfloat16) == "ieee"
+    # torch's newer API (torch.backends.cuda.matmul.fp32_precision) wins where it is set; mixing the two APIs
+    # makes torch.get_float32_matmul_precision() raise, so it must not be asked then.
+    for new_api, expected in (("tf32", "tf32"), ("ieee", "tf32x3")):
+        monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace(fp32_precision=new_api))
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: pytest.fail("legacy API asked"))
+        assert dot_precision(torch.float32) == expected
+
+
+# TF32 keeps 10 mantissa bits, as fp16 does: "high" earns fp16's tolerance; 3xTF32 ("highest") fp32's.
+PRECISIONS = [("highest", "tf32x3", torch.float32), ("high", "tf32", torch.float16)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("torch_setting,dot_prec,tol_dtype", PRECISIONS)
+def test_fp32_precisions_match_float64(torch_setting, dot_prec, tol_dtype, matmul_precision, monkeypatch):
+    """On a GPU this measures the precision's real error; the interpreter computes every input_precision as an
+    fp32 numpy matmul, so there it checks that each precision launches and is passed to every kernel."""
+    from fastbridge.kernels import gated_attention as K
+
+    matmul_precision(torch_setting)
+    launched = guarded_launches(monkeypatch, K)
+    device = kernel_devices()[0]
+    t, kw = make_inputs(2, 4, 2, 37, 37, 70, 32, dict(kpm="partial"), torch.float32, device)
+    dout = torch.randn(2, 4, 37, 32, generator=torch.Generator().manual_seed(1)).to(device)
+    out, grads = run(t, kw, dout, "kernel")
+    out64, g64 = reference64(t, kw, dout)
+    assert_close(out, out64, tol_dtype, f"out ({dot_prec})")
+    for n in NAMES:
+        assert_close(grads[n], g64[n], tol_dtype, f"d{n} ({dot_prec})")
+    assert {kwargs["DOT_PREC"] for _, kwargs in launched} == {dot_prec}
