@@ -661,9 +661,9 @@ def gated_attention_backward(dout, q, k, v, pk, pv, g, out, lse_m, lse_p, causal
     dq = empty(q.shape, q.dtype, dev)
     dk = empty(k.shape, k.dtype, dev)
     dv = empty(v.shape, v.dtype, dev)
-    if B * H * Lq == 0:
-        zeros = [torch.zeros_like(t) for t in (k, v, pk, pv)]
-        return (dq, zeros[0], zeros[1], zeros[2], zeros[3], torch.zeros_like(g))
+    if B * H * Lq == 0:  # fresh contiguous zeros, as the op's fake promises (zeros_like would keep strides)
+        zeros = [torch.zeros(t.shape, dtype=t.dtype, device=dev) for t in (k, v, pk, pv, g)]
+        return (dq, *zeros)
     kpm_t, has_kpm = _kpm_arg(kpm, q)
     shared = Bp == 1 and B > 1
     qk_scale = scale * math.log2(math.e)

@@ -383,3 +383,99 @@ def test_fp32_precisions_match_float64(torch_setting, dot_prec, tol_dtype, matmu
     for n in NAMES:
         assert_close(grads[n], g64[n], tol_dtype, f"d{n} ({dot_prec})")
     assert {kwargs["DOT_PREC"] for _, kwargs in launched} == {dot_prec}
+
+
+# ------------------------------------------------------------- found by adversarial testing (items 13-19)
+@pytest.mark.parametrize("backend", ["reference", pytest.param("kernel", marks=needs_kernels)])
+def test_double_backward(backend):
+    """Second order: the reference backend differentiates its backward; the fused backward raises in
+    fastbridge's words instead of torch's generic error (or silently wrong values)."""
+    device = "cpu" if backend == "reference" else kernel_devices()[0]
+    t, kw = make_inputs(1, 2, 1, 5, 6, 3, 16, dict(), torch.float32, device)
+    leaves = [t[n].detach().requires_grad_(True) for n in NAMES]
+    with fastbridge.use_backend(backend):
+        out = gated_attention(*leaves, **kw)
+    gq, = torch.autograd.grad(out.square().sum(), leaves[0], create_graph=True)
+    if backend == "reference":
+        assert torch.autograd.grad(gq.sum(), leaves[1])[0].abs().sum() > 0
+        return
+    with pytest.raises(NotImplementedError, match="second-order gradients are not supported by "
+                                                  r"fastbridge.ops.gated_attention; .*use_backend\('reference'\)"):
+        torch.autograd.grad(gq.sum(), leaves[1])
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("kernel", marks=needs_kernels)])
+@pytest.mark.parametrize("kpm", [False, True])
+def test_no_main_keys_gives_the_prompt_branch(backend, kpm):
+    """Lk = 0: the main branch contributes 0 on every backend (the reference used to raise IndexError)."""
+    device = "cpu" if backend == "reference" else kernel_devices()[0]
+    t, kw = make_inputs(2, 4, 2, 5, 0, 3, 16, dict(), torch.float32, device)
+    if kpm:
+        kw["key_padding_mask"] = torch.ones(2, 0, dtype=torch.bool, device=device)
+    dout = torch.randn(2, 4, 5, 16).to(device)
+    out, grads = run(t, kw, dout, backend)
+    out64, g64 = reference64(t, kw, dout)
+    q = t["q"].double().cpu()
+    pk, pv = (t[n].double().cpu().repeat_interleave(2, 1) for n in ("prefix_k", "prefix_v"))
+    prompt = torch.softmax(q @ pk.transpose(-1, -2) * 16 ** -0.5, -1) @ pv
+    torch.testing.assert_close(out64, torch.tanh(t["gate"].double().cpu()).view(1, 4, 1, 1) * prompt)
+    assert_close(out, out64, torch.float32, "out")
+    for n in NAMES:
+        assert grads[n].shape == t[n].shape
+        assert_close(grads[n], g64[n], torch.float32, f"d{n}")
+
+
+@pytest.mark.parametrize("change,arg,fragment", [
+    (dict(q=torch.randn(2, 4, 5, 0), k=torch.randn(2, 2, 7, 0), v=torch.randn(2, 2, 7, 0),
+          prefix_k=torch.randn(1, 2, 3, 0), prefix_v=torch.randn(1, 2, 3, 0)), "q", "head dim D >= 1"),
+])
+def test_degenerate_shapes_name_the_argument(change, arg, fragment):
+    t, kw = _good()
+    t.update(change)
+    with pytest.raises(ValueError) as e:
+        gated_attention(*[t[n] for n in NAMES], **kw)
+    assert f"'{arg}'" in str(e.value) and fragment in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0.0, True, "0.5", torch.tensor(0.5)])
+def test_bad_scale_names_the_argument(scale):
+    t, kw = _good()
+    with pytest.raises(ValueError, match="'scale' must be None or a positive float"):
+        gated_attention(*[t[n] for n in NAMES], scale=scale, **kw)
+
+
+def test_numpy_scale_works():
+    np = pytest.importorskip("numpy")
+    t, kw = _good()
+    args = [t[n] for n in NAMES]
+    expect = gated_attention(*args, scale=0.3, **kw)
+    for s in (np.float32(0.3), np.float64(0.3)):
+        torch.testing.assert_close(gated_attention(*args, scale=s, **kw), expect, rtol=1e-6, atol=1e-6)
+
+
+def _bwd_op_args(Lq, device):
+    """Arguments of fastbridge::gated_attention_bwd in transformers' layout: q / k / v / dout (B, L, H, D)
+    projections viewed as (B, H, L, D), a shared prompt, out / lse from the forward op."""
+    B, H, Hkv, Lk, P, D = 2, 4, 2, 6, 3, 16
+    g = torch.Generator().manual_seed(3)
+
+    def hf(L, heads):
+        return torch.randn(B, L, heads, D, generator=g).transpose(1, 2).to(device)
+
+    q, k, v, dout = hf(Lq, H), hf(Lk, Hkv), hf(Lk, Hkv), hf(Lq, H)
+    pk, pv = (torch.randn(1, Hkv, P, D, generator=g).to(device) for _ in range(2))
+    gate = torch.tanh(torch.randn(H, generator=g)).to(device)
+    kpm = (torch.rand(B, Lk, generator=g) > 0.3).to(device)
+    out, lse_m, lse_p = torch.ops.fastbridge.gated_attention(q, k, v, pk, pv, gate, True, 0.25, kpm)
+    return (dout, q, k, v, pk, pv, gate, out, lse_m, lse_p, True, 0.25, kpm)
+
+
+@needs_kernels
+@pytest.mark.parametrize("Lq", [0, 5])
+def test_opcheck_backward_odd_layouts(Lq):
+    """Fake and real backward outputs agree in shape, dtype and strides (Lq = 0 used to keep k's strides)."""
+    args = _bwd_op_args(Lq, kernel_devices()[0])
+    torch.library.opcheck(torch.ops.fastbridge.gated_attention_bwd.default, args)
+    real = torch.ops.fastbridge.gated_attention_bwd(*args)
+    for t, x in zip(real, args[1:7]):
+        assert t.shape == x.shape and t.is_contiguous()
