@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import on_tensor_device
+from ._common import launcher
 from ._common import (H100_ARCH, device_arch, dot_precision, empty, pow2_at_least, pre_hopper, sm_count,
                       small_smem, smem_per_block)
 
@@ -599,7 +599,7 @@ def _prefix_block(P: int) -> int:
     return pow2_at_least(min(P, 64))
 
 
-@on_tensor_device
+@launcher
 def gated_attention_forward(q, k, v, pk, pv, g, causal, scale, kpm):
     B, H, Lq, D = q.shape
     Hkv, Lk, P = k.shape[1], k.shape[2], pk.shape[2]
@@ -649,7 +649,7 @@ def gated_attention_forward(q, k, v, pk, pv, g, causal, scale, kpm):
     return out, lse_m, lse_p
 
 
-@on_tensor_device
+@launcher
 def gated_attention_backward(dout, q, k, v, pk, pv, g, out, lse_m, lse_p, causal, scale, kpm):
     B, H, Lq, D = q.shape
     Hkv, Lk, P = k.shape[1], k.shape[2], pk.shape[2]

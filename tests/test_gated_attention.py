@@ -479,3 +479,54 @@ def test_opcheck_backward_odd_layouts(Lq):
     real = torch.ops.fastbridge.gated_attention_bwd(*args)
     for t, x in zip(real, args[1:7]):
         assert t.shape == x.shape and t.is_contiguous()
+
+
+@needs_kernels
+def test_tf32x3_that_does_not_fit_runs_ieee_and_says_so_once(matmul_precision, monkeypatch):
+    """3xTF32 stages two TF32 tiles per fp32 operand: where a configuration does not fit (Triton's
+    OutOfResources at launch), the launcher reruns with fp32 FMA dots, once warned; other precisions'
+    OutOfResources propagate. (On CPU the launch failure is simulated.)"""
+    import warnings
+
+    from triton.runtime.errors import OutOfResources
+
+    from fastbridge._backend import FastbridgeFallbackWarning
+    from fastbridge.kernels import _common as KC
+    from fastbridge.kernels import gated_attention as K
+
+    monkeypatch.setattr(KC, "_TF32X3_UNFIT", set())
+    real, tried = K._gated_attn_fwd_kernel, []
+
+    class TooBigFor:
+        def __init__(self, precisions):
+            self.precisions = precisions
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tried.append(kwargs["DOT_PREC"])
+                if kwargs["DOT_PREC"] in self.precisions:
+                    raise OutOfResources(262144, 232448, "shared memory")
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(K, "_gated_attn_fwd_kernel", TooBigFor({"tf32x3"}))
+    device = kernel_devices()[0]
+    t, kw = make_inputs(1, 2, 1, 9, 11, 3, 16, dict(), torch.float32, device)
+    dout = torch.randn(1, 2, 9, 16).to(device)
+    matmul_precision("highest")
+    with pytest.warns(FastbridgeFallbackWarning, match="gated_attention_forward with 3xTF32 fp32 dots"):
+        out, grads = run(t, kw, dout, "kernel")
+    assert tried == ["tf32x3", "ieee"]
+    out64, g64 = reference64(t, kw, dout)
+    assert_close(out, out64, torch.float32, "out")
+    for n in NAMES:
+        assert_close(grads[n], g64[n], torch.float32, f"d{n}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastbridgeFallbackWarning)
+        run(t, kw, dout, "kernel")  # straight to fp32 FMA dots, no second warning
+    assert tried == ["tf32x3", "ieee", "ieee"]
+    matmul_precision("high")
+    monkeypatch.setattr(K, "_gated_attn_fwd_kernel", TooBigFor({"tf32"}))
+    with pytest.raises(OutOfResources):
+        run(t, kw, dout, "kernel")
