@@ -17,7 +17,8 @@ combine kernel merges them by log-sum-exp rescaling and adds the gated prefix br
 Backward, FlashAttention-2 style recomputation from the saved statistics:
   pre    per (row chunk, b·h, prompt tile of <= 64 keys): o_p recomputed (P is small; over every
          prompt tile), o_m = out - g·o_p, Δm = rowsum(dO·o_m), Δp = g·rowsum(dO·o_p); partial
-         dg = Σ rowsum(dO·o_p); partial d prefix_k / d prefix_v for the tile's prompt keys over the chunk's rows (summed over chunks, GQA groups and -- for a shared prompt -- the batch).
+         dg = Σ rowsum(dO·o_p); partial d prefix_k / d prefix_v of the tile's prompt keys over the chunk's
+         rows (summed over chunks, GQA groups and -- for a shared prompt -- the batch).
   dkdv   per (key tile, b·hkv): loops over the group's query heads and the query tiles that can see
          the tile; dk, dv accumulated in registers (no atomics).
   dq     per (query tile, b·h): main keys, then the prefix branch.

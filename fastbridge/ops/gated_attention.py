@@ -149,8 +149,9 @@ def gated_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v:
     or (H,), g = tanh(gate) ("tanh") or gate ("identity"). Causal masking is bottom-right aligned
     (query i sees keys j <= i + Lk - Lq) so KV-cache decoding is right; prefix keys are always visible.
     key_padding_mask: bool (B, Lk), True = attend; a query with no visible main key (Lk = 0 included)
-    gets 0 from the main branch. Second-order gradients: the reference backend only (the fused backward
-    raises NotImplementedError when differentiated). Returns (B, H, Lq, D) in q's dtype. Differentiable in q, k, v, prefix_k, prefix_v, gate.
+    gets 0 from the main branch. Any prompt length P >= 1. Returns (B, H, Lq, D) in q's dtype.
+    Differentiable in q, k, v, prefix_k, prefix_v, gate (second order: the reference backend only; the
+    fused backward raises NotImplementedError when differentiated).
     """
     H, D, scale = _validate(q, k, v, prefix_k, prefix_v, gate, causal, scale, gate_fn, key_padding_mask)
     s = D ** -0.5 if scale is None else scale
