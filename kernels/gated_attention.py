@@ -309,15 +309,11 @@ def _gated_attn_bwd_pre_kernel(
         mask_m = offs_m < row_hi
         mask = mask_m[:, None] & mask_d[None, :]
         q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=mask, other=0.0)
-        do = tl.load(DO + b64 * sdb + h64 * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=mask,
-                     other=0.0).to(tl.float32)
-        out = tl.load(OUT + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :], mask=mask,
-                      other=0.0).to(tl.float32)
         row = pid_bh.to(tl.int64) * Lq + offs_m
         lse_p = tl.load(LSE_P + row, mask=mask_m, other=0.0)
-        p, pk = _prefix_probs(q, pk_base, spkn, offs_p, offs_d, mask_p, mask_d, lse_p, qk_scale, DOT_PREC)
-        p = tl.where(mask_m[:, None], p, 0.0)
         if P <= BLOCK_P:  # one prompt tile: this program's
+            p, pk = _prefix_probs(q, pk_base, spkn, offs_p, offs_d, mask_p, mask_d, lse_p, qk_scale, DOT_PREC)
+            p = tl.where(mask_m[:, None], p, 0.0)
             o_p = tl.dot(p.to(dtype), pv, input_precision=DOT_PREC)
         else:  # o_p over every prompt tile (rows outside the chunk have dO = 0: they add nothing below)
             o_p = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -328,6 +324,12 @@ def _gated_attn_bwd_pre_kernel(
                 pv_t = tl.load(pv_base + offs_t[:, None] * spvn + offs_d[None, :],
                                mask=mask_t[:, None] & mask_d[None, :], other=0.0)
                 o_p += tl.dot(p_t.to(dtype), pv_t, input_precision=DOT_PREC)
+            p, pk = _prefix_probs(q, pk_base, spkn, offs_p, offs_d, mask_p, mask_d, lse_p, qk_scale, DOT_PREC)
+            p = tl.where(mask_m[:, None], p, 0.0)
+        do = tl.load(DO + b64 * sdb + h64 * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        out = tl.load(OUT + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :], mask=mask,
+                      other=0.0).to(tl.float32)
         dgp = tl.sum(do * o_p, 1)                      # d out / d g, per row
         delta_m = tl.sum(do * (out - g * o_p), 1)
         mask_first = mask_m & (pid_p + tl.zeros([BLOCK_M], tl.int32) == 0)  # prompt tile 0 writes the Δ's
