@@ -333,7 +333,9 @@ class DynamicPromptGenerator(nn.Module):
             starts from its learned prompt alone).
 
     ``forward(embeddings, mask=None)``: embeddings (B, E) or (B, T, E); mask (B, T) bool / 0-1, True = a
-    real token. Returns (B, P, hidden) in the embeddings' dtype.
+    real token (pool "mean" / "attention"; "tokens" refuses a mask): padded positions influence no prompt,
+    whatever they hold, and a sample with no real token pools to the zero vector. Returns (B, P, hidden) in
+    the embeddings' dtype.
     """
 
     def __init__(self, embed_dim: int, hidden_size: int, prompt_len: int, *, pool: str = "mean",
@@ -393,24 +395,28 @@ class DynamicPromptGenerator(nn.Module):
         if e.dim() == 2 and self.pool != "mean":
             _fail(owner, "embeddings", f"(B, T, {self.embed_dim}) token embeddings with pool={self.pool!r} "
                                        "((B, E) vectors need pool='mean')", _shape(e))
+        if mask is not None and self.pool == "tokens":
+            _fail(owner, "mask", "None with pool='tokens' (each of the T = P tokens becomes a prompt token, and a "
+                                 "prompt has no padding: pass only real tokens, or use pool='mean' / 'attention')",
+                  "a mask")
+        if mask is not None:  # padded positions are zeroed, so no value there (NaN included) reaches a prompt
+            e = e.masked_fill(~mask.unsqueeze(-1), 0.0)
         if self.pool == "mean":
             if e.dim() == 3:
                 if mask is None:
                     e = e.mean(dim=1)
-                else:
-                    w = mask.to(e.dtype).unsqueeze(-1)
-                    e = (e * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+                else:  # a sample with no real token pools to 0
+                    e = e.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp_min(1).to(e.dtype)
             h = self._project(e).view(B, self.prompt_len, self.hidden_size)
         elif self.pool == "tokens":
             if e.shape[1] != self.prompt_len:
                 _fail(owner, "embeddings", f"T = prompt_len = {self.prompt_len} tokens with pool='tokens'",
                       f"T = {e.shape[1]}")
             h = self._project(e)
-        else:  # attention pooling: P learned queries over the T tokens
-            scores = torch.einsum("pe,bte->bpt", self.queries.to(e.dtype), e) / math.sqrt(self.embed_dim)
-            if mask is not None:
-                scores = scores.masked_fill(~mask.unsqueeze(1), torch.finfo(scores.dtype).min)
-            h = self._project(torch.softmax(scores.float(), dim=-1).to(e.dtype) @ e)
+        else:  # attention pooling: P learned queries over the real tokens; a sample with none pools to 0
+            scores = torch.einsum("pe,bte->bpt", self.queries.to(e.dtype), e).float() / math.sqrt(self.embed_dim)
+            visible = None if mask is None else mask.unsqueeze(1)
+            h = self._project(ref._masked_softmax(scores, visible).to(e.dtype) @ e)
         if self.norm is not None:
             h = self.norm(h)
         return h.to(out_dtype)
