@@ -127,6 +127,10 @@ def qformer_cross_attention(q, k, v, *, attn_mask=None, scale=None, dropout_p=0.
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             visible = attn_mask.view(B, 1, 1, -1)
+            # masked keys influence nothing: NaN / inf in their k or v rows must not reach any row (0 * NaN)
+            hidden = ~attn_mask.view(B, 1, -1, 1)
+            kc, vc = kc.masked_fill(hidden, 0.0), vc.masked_fill(hidden, 0.0)
+            scores = qc @ kc.transpose(-1, -2) * s
         else:
             scores = scores + attn_mask.to(cdt)
     p = _masked_softmax(scores, visible)

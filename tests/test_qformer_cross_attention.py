@@ -588,3 +588,23 @@ def test_cuda_device_mismatch_and_tf32():
 def test_tolerance_table_is_shared():
     assert TOL[torch.float32] == 1e-4  # the one table (tests/conftest.py); TF32 uses the fp16 entry
     assert os.environ.get("FASTBRIDGE_POISON") == "1"
+
+
+def test_reference_ignores_masked_keys_too():
+    """The reference (the CPU fallback, float64 oracle) also keeps NaN / inf in masked keys out of every row."""
+    from fastbridge import reference as ref
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[0, 1] = False
+    mask[1] = False  # a whole sample masked
+    clean = ref.qformer_cross_attention(q, k, v, attn_mask=mask)
+    kd, vd = k.detach().clone(), v.detach().clone()
+    kd[0, :, 1], vd[0, :, 1] = float("nan"), float("inf")
+    kd[1], vd[1] = float("-inf"), float("nan")
+    kd.requires_grad_(), vd.requires_grad_()
+    dirty = ref.qformer_cross_attention(q, kd, vd, attn_mask=mask)
+    assert torch.equal(dirty, clean)
+    dirty.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(kd.grad).all() and torch.isfinite(vd.grad).all()

@@ -181,7 +181,12 @@ def _cuda_kernels_built() -> bool:
 
 @torch.compiler.assume_constant_result
 def _allow_tf32() -> bool:
-    return torch.get_float32_matmul_precision() != "highest"
+    # torch's fp32 matmul precision, new API first (the legacy getter raises when the two are mixed)
+    try:
+        from ..kernels._common import fp32_matmul_allows_tf32
+    except ImportError:  # pragma: no cover - no triton: the legacy getter (the C++ / CUDA ops need no triton)
+        return torch.get_float32_matmul_precision() != "highest"
+    return fp32_matmul_allows_tf32()
 
 
 @torch.compiler.assume_constant_result
