@@ -16,7 +16,7 @@ it and has no graph break.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -39,6 +39,24 @@ def record(integration: str, outcome: str, reason: Optional[str] = None) -> None
         raise ValueError(f"fastbridge._stats.record: 'outcome' must be one of {OUTCOMES}, got {outcome!r}")
     key = (integration, outcome, reason)
     _counts[key] = _counts.get(key, 0) + 1
+
+
+def record_op(integration: str, unavailable_reason: Callable[[], Optional[str]]) -> None:
+    """Record one call of ``integration`` that runs a fastbridge op: "fused" when the op will run its
+    kernel, "reference" (with the reason) when it will run the eager reference.
+
+    ``unavailable_reason``: a function giving the op's ``_kernel_unavailable(...)`` for the call's inputs,
+    called only when recording (not under torch.compile).
+    """
+    if torch.compiler.is_compiling():
+        return
+    from ._backend import resolve
+
+    backend, why = resolve(unavailable_reason())
+    if backend == "kernel":
+        record(integration, "fused")
+    else:
+        record(integration, "reference", why)
 
 
 def reset_stats() -> None:
@@ -103,9 +121,9 @@ def _model_integrations(model: torch.nn.Module) -> set[str]:
         name = getattr(module, _ATTR, None)
         if name is not None:
             names.add(name)
-        cls = type(module)
-        if cls.__module__.startswith("fastbridge.modules."):
-            names.add(f"fastbridge.{cls.__name__}")
+        own = getattr(type(module), "_fastbridge_stats_name", None)  # fastbridge's own modules
+        if own is not None:
+            names.add(own)
         config = getattr(module, "config", None)
         if getattr(config, "_attn_implementation", None) == "fastbridge":
             names.add(ATTENTION)

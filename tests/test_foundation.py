@@ -157,6 +157,148 @@ def test_auto_falls_back_once_with_a_warning_and_same_result(monkeypatch):
     torch.testing.assert_close(y1, y2)
 
 
+def test_fallback_warning_points_at_the_users_call_site(monkeypatch):
+    """The one-time warning names the user's line, not torch/nn/modules/module.py or fastbridge."""
+    monkeypatch.delenv("FASTBRIDGE_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "triton_interpret", lambda: False)  # env changes confuse triton
+    monkeypatch.setattr(_backend, "_warned", set())
+    model = nn.Sequential(nn.Linear(8, 8), BottleneckAdapter(8, 4))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        model(torch.randn(3, 8)); line = sys._getframe().f_lineno  # noqa: E702
+    fb = [x for x in w if issubclass(x.category, fastbridge.FastbridgeFallbackWarning)]
+    assert len(fb) == 1
+    assert (fb[0].filename, fb[0].lineno) == (__file__, line)
+
+
+def test_import_does_not_load_dynamo():
+    """``import fastbridge`` stays light: torch._dynamo (about 1 s) is imported only where compiling needs
+    it; torch.compile's cache tag is still applied when inductor's config is imported."""
+    code = ("import sys, fastbridge; print('torch._dynamo' in sys.modules); import torch._inductor.config as c; "
+            "print(c.unsafe_marked_cacheable_functions.get('torch.ops.fastbridge', '')[:10])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         check=True).stdout.split()
+    assert out == ["False", "fastbridge"], out
+
+
+def test_assume_constant_marks_like_torch():
+    """_backend.assume_constant sets exactly what torch.compiler.assume_constant_result sets (without
+    importing torch._dynamo), and a compiled op stays one graph."""
+    def f():
+        return 1
+
+    def g():
+        return 1
+
+    torch.compiler.assume_constant_result(f)
+    _backend.assume_constant(g)
+    assert {k: v for k, v in vars(f).items()} == {k: v for k, v in vars(g).items()} != {}
+
+
+# ------------------------------------------------------------------------------------------------ stats
+@pytest.fixture
+def fresh_stats():
+    fastbridge.reset_stats()
+    yield
+    fastbridge.reset_stats()
+
+
+def test_stats_count_what_each_call_ran(monkeypatch, fresh_stats):
+    monkeypatch.delenv("FASTBRIDGE_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "triton_interpret", lambda: False)
+    model = nn.Sequential(nn.Linear(8, 8), BottleneckAdapter(8, 4))
+    other = BottleneckAdapter(8, 2)
+    assert str(fastbridge.stats()).startswith("fastbridge.stats: no calls recorded")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fastbridge.FastbridgeFallbackWarning)
+        for _ in range(3):
+            model(torch.randn(2, 8))
+        with fastbridge.use_backend("reference"):
+            model(torch.randn(2, 8))
+        fastbridge.patch(model)
+        fastbridge.unpatch(model)
+        model(torch.randn(2, 8))
+        other(torch.randn(2, 8).double())  # another model: the counts are process-wide
+    s = fastbridge.stats(model)["fastbridge.BottleneckAdapter"]
+    # CPU without TRITON_INTERPRET: the reference runs, with the reason; unpatched: the eager composition
+    assert (s.fused, s.reference, s.fallbacks, s.total) == (0, 5, 1, 6)
+    assert s.reference_reasons == {"backend 'reference' selected": 1,
+                                   "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1": 4}
+    text = str(fastbridge.stats(model))
+    assert "6 calls: 0 fused, 5 reference, 1 fallback" in text and "fused=False" in text
+    assert fastbridge.stats().as_dict()["fastbridge.BottleneckAdapter"]["total"] == 6
+    fastbridge.reset_stats()
+    assert fastbridge.stats(model)["fastbridge.BottleneckAdapter"].total == 0
+
+
+@needs_kernels
+def test_stats_count_fused_calls(fresh_stats):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = BottleneckAdapter(16, 4).to(device)
+    m(torch.randn(3, 16, device=device))
+    assert fastbridge.stats(m)["fastbridge.BottleneckAdapter"].fused == 1
+
+
+def test_stats_under_torch_compile_no_graph_break(monkeypatch, fresh_stats):
+    monkeypatch.delenv("FASTBRIDGE_BACKEND", raising=False)
+    m = BottleneckAdapter(8, 4)
+    x = torch.randn(2, 8)
+    with fastbridge.use_backend("reference"):
+        torch._dynamo.reset()
+        y = torch.compile(m, fullgraph=True, backend="eager")(x)
+        torch.testing.assert_close(y, m(x))
+    assert fastbridge.stats(m)["fastbridge.BottleneckAdapter"].total == 1  # the eager call only
+
+
+def test_stats_of_the_qformer_attention(fresh_stats):
+    """The "fastbridge" transformers attention counts fused calls and SDPA fallbacks (with the reason);
+    fastbridge.stats(model) of a patched BLIP-2 shows them."""
+    from fastbridge.integrations import transformers as FT
+    from fastbridge.ops.qformer_cross_attention import ensure_loaded
+    from test_qformer_integration import blip2
+
+    ensure_loaded()
+    model, inputs = blip2("cpu")
+    fastbridge.patch(model)
+    assert "transformers.QFormer x1: kernel (C++ extension, cpu)" in str(model.fastbridge_report)
+    with torch.no_grad():
+        model(**inputs)
+    n_layers = model.config.qformer_config.num_hidden_layers
+    s = fastbridge.stats(model)
+    assert set(s) >= {"transformers.QFormer", fastbridge._stats.ATTENTION}
+    att = s[fastbridge._stats.ATTENTION]
+    assert att.fused >= n_layers and att.fallbacks == 0  # self- (and cross-) attention of every layer
+
+    causal = nn.Module()
+    causal.is_causal = True
+    q = torch.randn(1, 2, 3, 8)
+    FT.fastbridge_attention_forward(causal, q, q, q, None)
+    with fastbridge.use_backend("reference"):
+        FT.fastbridge_attention_forward(nn.Module(), q, q, q, None)
+    att2 = fastbridge.stats(model)[fastbridge._stats.ATTENTION]
+    assert (att2.fused, att2.reference) == (att.fused, 1)
+    assert list(att2.fallback) == ["transformers' SDPA: causal attention (the kernels implement bidirectional "
+                                   "Q-Former attention)"]
+
+
+def test_patch_report_says_which_backend_will_run(monkeypatch):
+    monkeypatch.delenv("FASTBRIDGE_BACKEND", raising=False)
+    model = nn.Sequential(nn.Linear(8, 8), BottleneckAdapter(8, 4))
+    monkeypatch.setattr(_backend, "triton_interpret", lambda: False)
+    fastbridge.patch(model)
+    text = str(model.fastbridge_report)
+    assert "fastbridge.BottleneckAdapter x1: reference on cpu" in text and "TRITON_INTERPRET=1" in text
+    assert "fused now" not in text and "fastbridge.stats(model)" in text
+    monkeypatch.setattr(_backend, "triton_interpret", lambda: True)
+    fastbridge.unpatch(model)
+    fastbridge.patch(model)
+    assert "fastbridge.BottleneckAdapter x1: kernel (Triton interpreter, cpu" in str(model.fastbridge_report)
+    with fastbridge.use_backend("reference"):
+        fastbridge.unpatch(model)
+        fastbridge.patch(model)
+    assert "reference on cpu (backend 'reference' selected)" in str(model.fastbridge_report)
+
+
 # ----------------------------------------------------------------------------------------------- module
 def test_new_adapter_is_identity_and_presets():
     x = torch.randn(2, 5, 32)
