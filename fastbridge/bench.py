@@ -19,6 +19,31 @@ _PYTEST = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')
            "sys.exit(pytest.main(sys.argv[1:]))")
 
 
+BENCH_DESCRIPTION = """\
+Run fastbridge's benchmark suite (pytest on the repository's benchmarks/ folder, --benchmark-only),
+print one compact table of the results this run measured, and write PNG plots.
+
+Every argument is passed to pytest, so pytest's own options work, for example:
+  -k EXPR                 only the benchmarks whose names match EXPR (e.g. -k "qformer and fwd")
+  -x, -q, -v              as in pytest
+and the suite's options (benchmarks/conftest.py):
+  --fb-quick              the CUDA grid at one size only (a smoke run)
+  --fb-results-dir DIR    where results go (default: $FASTBRIDGE_BENCH_OUT, else
+                          ~/.cache/fastbridge/bench, or $XDG_CACHE_HOME/fastbridge/bench)
+  --fb-no-write           measure and print, write nothing
+  --fb-dtypes LIST        CUDA dtypes, e.g. bf16,fp16 (default bf16); --fb-cpu-dtypes for CPU (fp32)
+  --fb-cpu-threads N      torch.set_num_threads (CPU timings are steadier with 1 on a busy machine)
+  --fb-warmup-ms MS, --fb-rep-ms MS   time budgets per measurement
+"""
+BENCH_EPILOG = """\
+Output: DIR/<device>.json (results merged across runs: a rerun replaces the cases it measured and
+keeps the rest), DIR/plots/*.png and DIR/plots/table.md. The printed table shows only the cases this
+run measured; the plots cover every result in the file. Examples:
+  fastbridge bench --fb-quick
+  fastbridge bench -k adapter_block --fb-results-dir ./bench-out
+"""
+
+
 class BenchmarksNotFound(RuntimeError):
     pass
 

@@ -18,6 +18,46 @@ SHOWN = (("BLEU-4", "caption", "BLEU-4"), ("METEOR", "caption", "METEOR"), ("ROU
          ("CIDEr", "caption", "CIDEr"), ("VQA acc", "vqa", "accuracy"))
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def _tasks(text: str) -> tuple:
+    from .loop import TASKS
+
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise argparse.ArgumentTypeError(f"must be a comma list of {', '.join(TASKS)}, got {text!r}")
+    return tasks
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=tuple(SIZES), default=None,
                    help="model size (default: tiny on CPU, small on CUDA)")
@@ -29,20 +69,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coco-images", default=None, help="COCO image folder for --coco-captions")
     p.add_argument("--coco-val-captions", default=None, help="official captions_val*.json (validation)")
     p.add_argument("--coco-val-images", default=None, help="image folder for --coco-val-captions")
-    p.add_argument("--n-train", type=int, default=None, help="training images")
-    p.add_argument("--n-val", type=int, default=None, help="validation images (scored)")
-    p.add_argument("--steps", type=int, default=None, help="bridge training steps")
-    p.add_argument("--warmup-lm-steps", type=int, default=None,
+    p.add_argument("--n-train", type=_positive_int, default=None, help="training images")
+    p.add_argument("--n-val", type=_positive_int, default=None, help="validation images (scored)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="bridge training steps")
+    p.add_argument("--warmup-lm-steps", type=_nonneg_int, default=None,
                    help="text-only LM steps that stand in for a pretrained LM (random-init models)")
-    p.add_argument("--warmup-vision-steps", type=int, default=None,
+    p.add_argument("--warmup-vision-steps", type=_nonneg_int, default=None,
                    help="contrastive image-caption steps that stand in for a pretrained vision encoder")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=None)
+    p.add_argument("--lr", type=_positive_float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA if torch sees a GPU, else CPU), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--tasks", default="caption,vqa", help="comma list of caption, vqa")
+    p.add_argument("--tasks", type=_tasks, default=("caption", "vqa"), help="comma list of caption, vqa")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="details: each caption metric, PTBTokenizer output, per-phase messages (DEBUG log)")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,7 +94,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eager", action="store_true", help="train unpatched (fastbridge.unpatch): the eager baseline")
     p.add_argument("--compare", action="store_true", help="train eager and fastbridge from the same seed and compare")
     p.add_argument("--resume", action="store_true", help="continue from OUT/bridge.safetensors + trainer state")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
+    p.add_argument("--save-every", type=_nonneg_int, default=200,
+                   help="checkpoint every N steps (default 200; 0: only at the end). Ctrl-C / SIGTERM also "
+                        "checkpoint; continue with --resume")
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,9 +135,9 @@ def _config(args, bridge: str, out: Path):
     kw = dict(bridge=bridge, size=size, out_dir=str(out), data_dir=args.data_dir, coco_captions=args.coco_captions,
               coco_images=args.coco_images, coco_val_captions=args.coco_val_captions,
               coco_val_images=args.coco_val_images, seed=args.seed, device=args.device, dtype=args.dtype,
-              tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), progress=not args.no_progress, **d)
+              tasks=tuple(args.tasks), progress=not args.no_progress, **d)
     for extra in ("pretrained", "resume", "save_every"):
-        if getattr(args, extra, None):
+        if getattr(args, extra, None) is not None:
             kw[extra] = getattr(args, extra)
     if getattr(args, "eager", False):
         kw["patched"] = False
@@ -123,21 +167,75 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _setup_logging() -> None:
+def _setup_logging(verbose: bool = False) -> None:
     log = logging.getLogger("fastbridge")
     if not log.handlers:
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(logging.Formatter("[fastbridge] %(message)s"))
         log.addHandler(h)
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
 
 
-def train_main(args) -> int:
+def _resume_command(argv: list[str]) -> str:
+    import shlex
+
+    args = [a for a in argv if a != "--resume"]
+    return "fastbridge " + " ".join(shlex.quote(a) for a in args) + " --resume"
+
+
+def main(args, parser: argparse.ArgumentParser) -> int:
+    """``fastbridge train`` / ``demo``: usage errors are one line (exit 2), an interruption one line (exit
+    130 for Ctrl-C, 143 for SIGTERM), never a traceback for either."""
+    import signal
+
+    def term(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, term)
+    from .loop import TrainingInterrupted
+
+    try:
+        return train_main(args, parser) if args.cmd == "train" else demo_main(args, parser)
+    except TrainingInterrupted as e:
+        if args.cmd == "train":
+            how = f"resume with: {_resume_command(sys.argv[1:])}"
+        else:
+            how = "`fastbridge train --resume` with that bridge's settings continues it"
+        print(f"fastbridge {args.cmd}: interrupted ({e.signal_name}) at step {e.step}/{e.steps}; checkpoint saved in "
+              f"{e.out}; {how}", file=sys.stderr)
+        return 143 if e.signal_name == "SIGTERM" else 130
+    except KeyboardInterrupt as e:
+        name = str(e) or "SIGINT"
+        ckpt = Path(args.out or f"fastbridge-runs/{args.bridge}") / "checkpoint.safetensors"
+        if args.cmd == "train" and ckpt.exists():
+            what = f"the last checkpoint ({ckpt}) is kept; resume with: {_resume_command(sys.argv[1:])}"
+        else:
+            what = "no training step had been checkpointed" if args.cmd == "train" else "partial results are kept"
+        print(f"fastbridge {args.cmd}: interrupted ({name}) outside the training steps; {what}", file=sys.stderr)
+        return 143 if name == "SIGTERM" else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _checked_config(args, bridge: str, out: Path, parser: argparse.ArgumentParser):
+    """TrainConfig from the arguments; a bad value is a usage error (one line, exit 2), found before any
+    data is made."""
+    import re
+
+    try:
+        return _config(args, bridge, out)
+    except ValueError as e:
+        msg = re.sub(r"^TrainConfig: (\w+)", lambda m: f"argument --{m.group(1).replace('_', '-')}:", str(e))
+        parser.error(msg.replace("::", ":"))
+
+
+def train_main(args, parser: argparse.ArgumentParser) -> int:
     from .loop import compare, run
 
-    _setup_logging()
+    _setup_logging(getattr(args, "verbose", False))
     out = Path(args.out or f"fastbridge-runs/{args.bridge}")
-    cfg = _config(args, args.bridge, out)
+    cfg = _checked_config(args, args.bridge, out, parser)
     if args.compare:
         res = compare(cfg)
         c = res["comparison"]
@@ -150,24 +248,24 @@ def train_main(args) -> int:
     return 0
 
 
-def demo_main(args) -> int:
+def demo_main(args, parser: argparse.ArgumentParser) -> int:
     import torch
 
     from .loop import compare, run
     from .plots import plot_losses
 
-    _setup_logging()
+    _setup_logging(getattr(args, "verbose", False))
     t0 = time.perf_counter()
     bridges = BRIDGES if args.bridge == "all" else tuple(b.strip() for b in args.bridge.split(",") if b.strip())
     bad = [b for b in bridges if b not in BRIDGES]
-    if bad:
-        print(f"fastbridge demo: --bridge must be 'all' or a comma list of {BRIDGES}, got {bad}", file=sys.stderr)
-        return 2
+    if bad or not bridges:
+        parser.error(f"argument --bridge: must be 'all' or a comma list of {', '.join(BRIDGES)}, got {args.bridge!r}")
     out = Path(args.out or "fastbridge-demo")
     do_compare = torch.cuda.is_available() if args.compare is None else args.compare
     rows, comparisons, curves = [], {}, {}
+    cfgs = {b: _checked_config(args, b, out / b, parser) for b in bridges}  # every error before any work
     for b in bridges:
-        cfg = _config(args, b, out / b)
+        cfg = cfgs[b]
         if cfg.data_dir is None:  # one data set for all bridges
             cfg = replace(cfg, data_dir=str(out / f"data-{cfg.n_train}-{cfg.n_val}-{SIZES[cfg.size].image_size}"))
         if do_compare:
