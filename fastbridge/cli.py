@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("bench", help="run the benchmark suite (pytest benchmarks/), print a table, write plots; "
                                  "see fastbridge bench --help", description=BENCH_DESCRIPTION, epilog=BENCH_EPILOG,
+                   usage="fastbridge bench [pytest arguments: -k EXPR, --fb-quick, --fb-results-dir DIR, ...]",
                    formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     from .train.cli import add_demo_arguments, add_train_arguments
 

@@ -416,3 +416,102 @@ def test_cli_info_runs_as_module_and_script():
     out = subprocess.run([sys.executable, "-m", "fastbridge", "info"], capture_output=True, text=True, env=env,
                          cwd=str(REPO / "tests"), check=True).stdout
     assert "torch" in out and "triton" in out and "can run here:" in out and "reference (eager PyTorch)" in out
+
+
+# ------------------------------------------------------------------------------------------------ bench
+def test_bench_help_says_what_it_takes(capsys):
+    from fastbridge.cli import main
+
+    assert main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("passed to pytest", "-k EXPR", "--fb-quick", "--fb-results-dir DIR", "~/.cache/fastbridge/bench"):
+        assert needle in out, needle
+
+
+def _bench_plot():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import plot
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return plot
+
+
+def _rec(provider, mode, ms, N=4096, peak=None):
+    return {"op": "adapter_block", "provider": provider, "mode": mode, "dtype": "bf16",
+            "shape": {"d": 768, "r": 16, "N": N}, "ms": {"p20": ms, "p50": ms, "p80": ms}, "peak_mb": peak}
+
+
+def test_bench_compact_table_one_unit_per_column():
+    plot = _bench_plot()
+    recs = [_rec("fastbridge", "fwd", 0.5, peak=10.0), _rec("eager", "fwd", 1.5, peak=30.0),
+            _rec("fastbridge", "bwd", 1.0, peak=12.0), _rec("eager", "bwd", 2.0, peak=40.0)]
+    text = plot.compact_table(recs)
+    lines = text.splitlines()
+    assert lines[0] == "adapter_block, bf16"
+    assert lines[1].split() == ["shape", "mode", "fastbridge", "ms", "eager", "ms", "×", "vs", "eager",
+                                "fastbridge", "MB", "eager", "MB"]
+    assert lines[2].split() == ["d=768", "r=16", "N=4096", "fwd", "0.5", "1.5", "3.00", "10", "30"]
+    assert lines[3].split()[3:] == ["bwd", "1", "2", "2.00", "12", "40"]
+
+
+def test_bench_single_size_speedup_panel_uses_bars(tmp_path):
+    """A speed-up panel with one size only (a dot per series, line styles invisible) is drawn as bars
+    grouped by mode, with a legend; with several sizes, lines carry a marker per mode."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot = _bench_plot()
+    doc = {"device": "test", "records": [_rec("fastbridge", m, 1.0) for m in plot.MODES] +
+           [_rec("eager", m, 2.0 + i) for i, m in enumerate(plot.MODES)]}
+    figs = []
+    orig = plt.close
+    plt.close = lambda fig=None: figs.append(fig)  # keep the figures to inspect them
+    try:
+        plot.plot_doc(doc, tmp_path / "dev.json", tmp_path)
+    finally:
+        plt.close = orig
+    speed = figs[1].axes[0]
+    assert len(speed.patches) == 3 and not speed.get_lines()[1:]  # three bars (fwd, bwd, fwd_bwd); 1.0 line
+    assert [t.get_text() for t in speed.get_xticklabels()] == list(plot.MODES)
+    assert speed.get_legend() is not None
+    doc["records"] += [_rec("fastbridge", m, 1.0, N=8192) for m in plot.MODES] + \
+        [_rec("eager", m, 3.0, N=8192) for m in plot.MODES]
+    figs.clear()
+    plt.close = lambda fig=None: figs.append(fig)
+    try:
+        plot.plot_doc(doc, tmp_path / "dev.json", tmp_path)
+    finally:
+        plt.close = orig
+    markers = {ln.get_label(): ln.get_marker() for ln in figs[1].axes[0].get_lines() if ln.get_label()[0] != "_"}
+    assert markers == {"fastbridge fwd": "o", "fastbridge bwd": "s", "fastbridge fwd_bwd": "^"}
+    for f in figs:
+        orig(f)
+
+
+def test_bench_subset_run_shows_only_its_records_and_writes_outside_the_checkout(tmp_path):
+    """`fastbridge bench -k ...` writes to ~/.cache/fastbridge/bench by default (here XDG_CACHE_HOME), and
+    a later -k subset prints only the records it measured, while the file keeps both runs'."""
+    pytest.importorskip("pytest_benchmark")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    for name in ("FASTBRIDGE_BENCH_OUT", "FASTBRIDGE_POISON"):  # tests/conftest.py poisons kernel outputs
+        env.pop(name, None)
+    base = ["-m", "fastbridge", "bench", "--fb-warmup-ms", "1", "--fb-rep-ms", "2", "-p", "no:cacheprovider", "-rs", "-k"]
+    sel = "adapter_block_cpu and blip-d768-r16-N256- and eager"
+    runs = []
+    for k in (f"{sel} and not bwd", f"{sel} and fwd_bwd"):
+        r = subprocess.run([sys.executable, *base, k], capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs.append(r.stdout)
+    out = tmp_path / "cache" / "fastbridge" / "bench"
+    files = list(out.glob("*.json"))
+    assert len(files) == 1 and (out / "plots" / "results.md").exists()
+    import json
+
+    modes = {r["mode"] for r in json.loads(files[0].read_text())["records"]}
+    assert modes == {"fwd", "fwd_bwd"}
+    table = runs[1].split("benchmark records this run measured")[1]
+    assert "fwd_bwd" in table and " fwd " not in table

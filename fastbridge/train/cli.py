@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .models import BRIDGES, SIZES
 
-__all__ = ["add_train_arguments", "add_demo_arguments", "train_main", "demo_main", "summary_table"]
+__all__ = ["add_train_arguments", "add_demo_arguments", "train_main", "demo_main", "summary_table", "demo_markdown",
+           "demo_plan"]
 
 DEMO_BRIDGES = ("llama-adapter", "qformer")   # the demo's default: one bridge of each kernel family
 SHOWN = (("BLEU-4", "caption", "BLEU-4"), ("METEOR", "caption", "METEOR"), ("ROUGE-L", "caption", "ROUGE-L"),
@@ -167,6 +168,98 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The one measured reference for the demo's time estimate: the default demo (size tiny, llama-adapter +
+# qformer: LM warm-up 3,000 + vision warm-up 600 + 2 x 1,500 bridge steps) took 6.1 min on an idle 2-core
+# x86_64 CPU (docs/demo/cpu-2-core/README.md). Other sizes / devices have no measurement: no estimate.
+_MEASURED = {"size": "tiny", "device": "cpu", "cores": 2, "units": 3000 + 600 + 2 * 1500, "minutes": 6.1}
+
+
+def demo_plan(cfgs: dict, compare: bool, device: str) -> list[str]:
+    """The lines ``fastbridge demo`` prints before it starts: its phases and a rough total."""
+    import os
+
+    from .loop import _base_dir
+
+    first = next(iter(cfgs.values()))
+    cores = os.cpu_count() or 1
+    runs = 2 if compare else 1
+    lines = [f"fastbridge demo: {len(cfgs)} bridge(s) ({', '.join(cfgs)}), size {first.size}, on {device}"
+             f"{f' ({cores} cores)' if device == 'cpu' else ''}"
+             f"{', each trained eager and with fastbridge (--compare)' if compare else ''}. Phases:",
+             f"  1. data: {first.n_train:,} training + {first.n_val:,} validation synthetic images (made once)"]
+    units = 0
+    seen = set()
+    for b, cfg in cfgs.items():
+        kind = "blip" if b == "adapter" else "llama"
+        if kind in seen:
+            continue
+        seen.add(kind)
+        base = _base_dir(cfg, kind)
+        cached = base.exists() and any(base.glob("vision-*.safetensors"))
+        what = "BLIP text decoder" if kind == "blip" else "LLaMA"
+        if cached:
+            lines.append(f"  2. warm-ups of the random-init {what} and vision encoder: cached in {base}, skipped")
+        else:
+            lines.append(f"  2. warm-up of the random-init {what}: {cfg.warmup_lm_steps:,} text-only steps, then the "
+                         f"vision encoder: {cfg.warmup_vision_steps:,} contrastive steps (once; cached in {base.name})")
+            units += cfg.warmup_lm_steps + cfg.warmup_vision_steps
+    lines.append(f"  3. per bridge: score the untrained bridge, train {first.steps:,} steps of {first.batch_size} "
+                 f"examples{' (twice: eager, fastbridge)' if compare else ''}, score the trained bridge")
+    units += sum(cfg.steps for cfg in cfgs.values()) * runs
+    m = _MEASURED
+    if first.size == m["size"] and device == m["device"]:
+        est = m["minutes"] * units / m["units"]
+        lines.append(f"Rough total: about {max(1, round(est))} min (scaled from {m['minutes']} min measured for the "
+                     f"default demo on an idle {m['cores']}-core CPU; a busy or smaller CPU takes longer).")
+    else:
+        lines.append(f"Rough total: not measured for size {first.size} on {device} (the default tiny demo took "
+                     f"{m['minutes']} min on an idle 2-core CPU).")
+    return lines
+
+
+_SETTINGS_KEYS = ("size", "n_train", "n_val", "steps", "batch_size", "warmup_lm_steps", "warmup_vision_steps")
+
+
+def demo_markdown(summary: dict) -> str:
+    """demo.md: the results table of a demo.json, with what its arrows, units, device and versions mean."""
+    rows = summary.get("rows", [])
+    v = summary.get("versions", {})
+    c = rows[0]["config"] if rows else {}
+    settings = (f"size `{c.get('size')}`, {c.get('n_train', 0):,} training / {c.get('n_val', 0):,} validation "
+                f"images, {c.get('steps', 0):,} bridge steps of {c.get('batch_size')} examples, LM warm-up "
+                f"{c.get('warmup_lm_steps', 0):,} steps, vision warm-up {c.get('warmup_vision_steps', 0):,} steps, "
+                f"tasks {', '.join(c.get('tasks', []))}") if c else "unknown"
+    git = v.get("git") or "unknown"
+    lines = [
+        "# fastbridge demo results", "",
+        f"- **Device:** {v.get('device', '?')}. **Versions:** fastbridge {v.get('fastbridge', '?')} (git {git}), "
+        f"torch {v.get('torch', '?')}, transformers {v.get('transformers', '?')}, python {v.get('python', '?')} "
+        f"({v.get('machine', '?')}).",
+        f"- **Settings:** {settings}. **Wall clock:** {summary.get('minutes', 0):.1f} min for everything.", "",
+        summary_table(rows), "",
+        "How to read it:", "",
+        "- `a → b`: the score with the bridge untrained (`a`, the same frozen base, the bridge at its "
+        "initialisation) → after training (`b`), both on the validation images.",
+        "- BLEU-4, METEOR, ROUGE-L, CIDEr: pycocoevalcap's COCO caption metrics as fractions (papers print "
+        "them ×100; CIDEr can exceed 1); higher is better. METEOR needs Java.",
+        "- VQA acc: the official VQA soft accuracy, in %.",
+        "- trainable: parameters the bridge trains; everything else is frozen.",
+        "- step ms: median wall time of one training step (forward, backward, optimizer) on this device. "
+        "On a CPU the fused ops run their CPU paths, so it says nothing about GPU speed.",
+        "- `—`: not measured or not available (e.g. METEOR without Java).",
+    ]
+    comps = summary.get("comparisons") or {}
+    if comps:
+        lines += ["", "Eager vs fastbridge (same seed, same base, same batches):", ""]
+        for b, cmp in comps.items():
+            sp = cmp.get("speedup")
+            ms = cmp.get("step_ms_median", {})
+            timing = (f"median step {ms.get('eager', 0):.1f} ms eager → {ms.get('fastbridge', 0):.1f} ms fastbridge "
+                      f"({sp:.2f}x)" if sp else "too few steps to compare step times")
+            lines.append(f"- {b}: largest loss difference at any step {cmp['loss_max_abs_diff']:.2e}; {timing}")
+    return "\n".join(lines) + "\n"
+
+
 def _setup_logging(verbose: bool = False) -> None:
     log = logging.getLogger("fastbridge")
     if not log.handlers:
@@ -264,10 +357,15 @@ def demo_main(args, parser: argparse.ArgumentParser) -> int:
     do_compare = torch.cuda.is_available() if args.compare is None else args.compare
     rows, comparisons, curves = [], {}, {}
     cfgs = {b: _checked_config(args, b, out / b, parser) for b in bridges}  # every error before any work
+    for b, cfg in cfgs.items():
+        if cfg.data_dir is None:  # one data set for all bridges
+            cfgs[b] = replace(cfg, data_dir=str(out / f"data-{cfg.n_train}-{cfg.n_val}-{SIZES[cfg.size].image_size}"))
+    from .loop import resolve_device
+
+    for line in demo_plan(cfgs, do_compare, resolve_device(args.device).type):
+        print(line, flush=True)
     for b in bridges:
         cfg = cfgs[b]
-        if cfg.data_dir is None:  # one data set for all bridges
-            cfg = replace(cfg, data_dir=str(out / f"data-{cfg.n_train}-{cfg.n_val}-{SIZES[cfg.size].image_size}"))
         if do_compare:
             res = compare(cfg)
             comparisons[b] = res["comparison"]
@@ -283,7 +381,7 @@ def demo_main(args, parser: argparse.ArgumentParser) -> int:
                                            "step_ms_median", "peak_mb", "config")} for r in rows],
                "comparisons": comparisons}
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
-    (out / "demo.md").write_text(table + "\n")
+    (out / "demo.md").write_text(demo_markdown(summary))
     print()
     print(f"fastbridge demo on {summary['versions'].get('device', '?')}: untrained → trained "
           f"(validation set, pycocoevalcap; VQA accuracy in %)")
@@ -293,5 +391,6 @@ def demo_main(args, parser: argparse.ArgumentParser) -> int:
         timing = (f"step {c['step_ms_median']['eager']:.1f} → {c['step_ms_median']['fastbridge']:.1f} ms ({sp:.2f}x)"
                   if sp else "too few steps to compare step times")
         print(f"{b}: eager vs fastbridge — max |loss diff| {c['loss_max_abs_diff']:.2e}, {timing}")
-    print(f"wrote {out / 'demo.json'}, {out / 'demo.md'}, {out / 'loss.png'} ({summary['minutes']:.1f} min)")
+    print(f"wrote {out / 'demo.json'}, {out / 'demo.md'} (the table and how to read it), {out / 'loss.png'} "
+          f"({summary['minutes']:.1f} min)")
     return 0
