@@ -515,3 +515,30 @@ def test_bench_subset_run_shows_only_its_records_and_writes_outside_the_checkout
     assert modes == {"fwd", "fwd_bwd"}
     table = runs[1].split("benchmark records this run measured")[1]
     assert "fwd_bwd" in table and " fwd " not in table
+
+
+# ----------------------------------------------------------------------------------------------- README
+def test_readme_demo_section_matches_the_committed_demo_json(tmp_path):
+    """README's demo tables are generated from docs/demo/*/demo.json (docs/demo/readme_demo.py)."""
+    script = REPO / "docs" / "demo" / "readme_demo.py"
+    r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    # and the check can fail: a hand-edited number is caught
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO / "README.md").read_text().replace("0.094 → 0.283", "0.094 → 0.300", 1))
+    r = subprocess.run([sys.executable, str(script), "--check", "--readme", str(readme)], capture_output=True,
+                       text=True, cwd=REPO)
+    assert r.returncode == 1 and "out of date" in r.stderr
+
+
+def test_docs_live_in_the_repository():
+    """What the README links to exists in a clone; no links outside it, no issue-tracker references."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    assert "../shared" not in text and not re.search(r"\bissue \d", text)
+    for link in re.findall(r"\]\(([^)#]+)\)", text):
+        if "://" not in link:
+            assert (REPO / link).exists(), link
+    assert (REPO / "docs" / "API.md").exists() and "fastbridge.stats" in (REPO / "docs" / "API.md").read_text()
+    assert "Apache License" in (REPO / "LICENSE").read_text()

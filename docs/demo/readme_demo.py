@@ -56,7 +56,7 @@ def run_section(path: Path) -> list[str]:
 
 def section(paths) -> str:
     lines = [START, "", "Untrained → trained bridge, on the validation images (caption metrics are pycocoevalcap's "
-             "fractions, VQA accuracy in %; `demo.md` beside each JSON explains every column):", ""]
+             "fractions, VQA accuracy in %; the `demo.md` that `fastbridge demo` writes explains every column):", ""]
     for p in paths:
         lines += run_section(p)
     if not paths:
