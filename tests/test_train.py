@@ -153,9 +153,17 @@ def test_demo_test_sized_end_to_end(tmp_path):
     """The README's main command at test size: data through datasets, scores through pycocoevalcap, plots,
     eager vs fastbridge comparison, only the bridge checkpointed."""
     out = tmp_path / "demo"
+    repo = Path(__file__).resolve().parents[1]  # run from the repository root: this checkout's fastbridge
     r = _cli(["demo", "--size", "test", "--bridge", "llama-adapter,qformer", "--compare", "--no-progress",
-              "--out", str(out)], tmp_path)
+              "--out", str(out)], repo)
     assert r.returncode == 0, r.stderr[-4000:]
+    # it says what it will do before doing it, and says each thing once
+    assert r.stdout.startswith("fastbridge demo: 2 bridge(s) (llama-adapter, qformer), size test"), r.stdout[:500]
+    assert "Rough total:" in r.stdout.split("\n| bridge")[0]
+    assert "caption_metrics: BLEU-1" not in r.stderr and "PTBTokenizer tokenized" not in r.stderr
+    assert r.stderr.count("fastbridge.patch:") == 2, r.stderr  # one report per bridge (fastbridge run)
+    demo_md = (out / "demo.md").read_text()
+    assert "How to read it" in demo_md and "**Device:**" in demo_md and "torch " in demo_md
     summary = json.loads((out / "demo.json").read_text())
     assert [row["bridge"] for row in summary["rows"]] == ["llama-adapter", "qformer"]
     for row in summary["rows"]:
@@ -369,3 +377,22 @@ def test_sigint_checkpoints_then_resume_holds_the_whole_run(tmp_path):
     bleu4 = row.split("|")[3].strip()  # "before → after": the before score survives the resume (not "—")
     assert " → " in bleu4 and not bleu4.startswith("—"), row
     assert (out / "loss.png").exists()
+
+
+def test_demo_plan_and_markdown(tmp_path):
+    from fastbridge.train.cli import demo_markdown, demo_plan
+
+    cfgs = {b: loop.TrainConfig(bridge=b, size="tiny", out_dir=str(tmp_path / b), n_train=2000, n_val=100,
+                                steps=1500, warmup_lm_steps=3000, warmup_vision_steps=600)
+            for b in ("llama-adapter", "qformer")}
+    lines = demo_plan(cfgs, False, "cpu")
+    assert lines[0].startswith("fastbridge demo: 2 bridge(s) (llama-adapter, qformer), size tiny, on cpu")
+    assert any("3,000 text-only steps" in ln for ln in lines) and any("train 1,500 steps" in ln for ln in lines)
+    assert lines[-1].startswith("Rough total: about 6 min")  # the default demo: the measured 6.1 min
+    assert demo_plan(cfgs, True, "cpu")[-1].startswith("Rough total: about 9 min")  # 6.1 x 9600 / 6600
+    assert "not measured" in demo_plan(cfgs, False, "cuda")[-1]
+    summary = json.loads((Path(__file__).resolve().parents[1] / "docs/demo/cpu-2-core/demo.json").read_text())
+    md = demo_markdown(summary)
+    for needle in ("**Device:** cpu (2 cores)", "git 364555c", "transformers 5.23.0", "`a → b`", "VQA acc: the "
+                   "official VQA soft accuracy, in %", "step ms", "0.094 → 0.283"):
+        assert needle in md, needle
