@@ -506,15 +506,13 @@ def load_checkpoint(model: BridgeModel, cfg: TrainConfig, out: Path) -> tuple[in
 
     path = out / CHECKPOINT
     if not path.exists():
+        if (out / "trainer_state.json").exists():  # written by fastbridge before checkpoint.safetensors
+            return _load_legacy_checkpoint(model, cfg, out)
         return 0, None, {}
     with safe_open(str(path), framework="pt") as f:
         state = json.loads((f.metadata() or {})["fastbridge.trainer"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    saved = state.get("config", {})
-    for key in ("bridge", "size", "steps", "batch_size", "lr", "seed", "tasks"):
-        if key in saved and saved[key] != (list(getattr(cfg, key)) if key == "tasks" else getattr(cfg, key)):
-            raise ValueError(f"resume: {key} = {getattr(cfg, key)!r} differs from the checkpoint's {saved[key]!r} in "
-                             f"{out} (resume with the same settings, or use another out_dir)")
+    _check_resume_config(state.get("config", {}), cfg, out)
     bridge = {k[len("bridge/"):]: v for k, v in tensors.items() if k.startswith("bridge/")}
     params = dict(model.named_parameters())
     want = {n for n, p in params.items() if p.requires_grad}
@@ -529,6 +527,27 @@ def load_checkpoint(model: BridgeModel, cfg: TrainConfig, out: Path) -> tuple[in
     history = {"losses": tensors["history/losses"].tolist(), "step_times": tensors["history/step_times"].tolist(),
                "before": state.get("before")}
     return int(state["step"]), opt_state, history
+
+
+def _check_resume_config(saved: dict, cfg: TrainConfig, out: Path) -> None:
+    for key in ("bridge", "size", "steps", "batch_size", "lr", "seed", "tasks"):
+        if key in saved and saved[key] != (list(getattr(cfg, key)) if key == "tasks" else getattr(cfg, key)):
+            raise ValueError(f"resume: {key} = {getattr(cfg, key)!r} differs from the checkpoint's {saved[key]!r} in "
+                             f"{out} (resume with the same settings, or use another out_dir)")
+
+
+def _load_legacy_checkpoint(model: BridgeModel, cfg: TrainConfig, out: Path) -> tuple[int, Optional[dict], dict]:
+    """The older layout (trainer_state.json + optimizer.safetensors + bridge.safetensors): no loss history."""
+    import fastbridge
+    from safetensors.torch import load_file
+
+    state = json.loads((out / "trainer_state.json").read_text())
+    _check_resume_config(state.get("config", {}), cfg, out)
+    fastbridge.load_trainable(model, out / "bridge.safetensors")
+    opt_state = _unflatten_optimizer(load_file(str(out / "optimizer.safetensors")), state["optimizer_meta"])
+    logger.warning("resume: %s is an older checkpoint without the loss history; metrics.json will hold the losses "
+                   "from step %d on", out, int(state["step"]))
+    return int(state["step"]), opt_state, {}
 
 
 def train_bridge(model: BridgeModel, tokenizer, train: SplitData, cfg: TrainConfig, device, amp, out: Path,
@@ -852,8 +871,9 @@ def run(cfg: TrainConfig, *, prepared: Optional[dict] = None, log: Callable[[str
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     from .plots import plot_losses
 
+    first = res["end"] - len(res["losses"])  # 0, unless an older checkpoint had no loss history
     plot_losses({cfg.bridge: res["losses"]}, out / "loss.png", title=f"{cfg.bridge} bridge training loss",
-                resumed_at=start or None)
+                resumed_at=start or None, offset=first)
     return metrics
 
 
