@@ -396,3 +396,16 @@ def test_demo_plan_and_markdown(tmp_path):
     for needle in ("**Device:** cpu (2 cores)", "git 364555c", "transformers 5.23.0", "`a → b`", "VQA acc: the "
                    "official VQA soft accuracy, in %", "step ms", "0.094 → 0.283"):
         assert needle in md, needle
+
+
+def test_ctrl_c_outside_the_training_steps_is_one_line(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while data is made or a base warms up: one line, exit code 130, no traceback."""
+    from fastbridge.cli import main
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "prepare", interrupted)
+    rc = main(["train", "--bridge", "mlp", "--size", "test", "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 130 and err.count("\n") == 1 and "interrupted (SIGINT)" in err and "Traceback" not in err, err

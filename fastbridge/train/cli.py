@@ -267,7 +267,6 @@ def _setup_logging(verbose: bool = False) -> None:
         h.setFormatter(logging.Formatter("[fastbridge] %(message)s"))
         log.addHandler(h)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    log.propagate = False
 
 
 def _resume_command(argv: list[str]) -> str:
