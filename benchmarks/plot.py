@@ -168,8 +168,9 @@ def compact_table(records: list[dict]) -> str:
         base_p = baseline(op)
         ours = "fastbridge" if "fastbridge" in providers else None
         speed = ours is not None and base_p in providers and base_p != ours
-        peaks = [p for p in (ours, base_p) if p in providers and any(
-            r.get("peak_mb") is not None for fam in fams.values() for (pp, _), s in fam.items() if pp == p for _, r in s)]
+        measured = {pp for fam in fams.values() for (pp, _), s in fam.items() for _, r in s
+                    if r.get("peak_mb") is not None}
+        peaks = [p for p in (ours, base_p) if p in providers and p in measured]
         head = ["shape", "mode"] + [f"{p} ms" for p in providers]
         if speed:
             head.append(f"× vs {base_p}")
@@ -192,8 +193,9 @@ def compact_table(records: list[dict]) -> str:
             body.append(cells)
         widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
 
-        def line(cells):
-            return "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        def line(cells):  # shape and mode left-aligned, numbers right-aligned
+            return "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
+                             for i, (c, w) in enumerate(zip(cells, widths)))
 
         out += [f"{op}, {dt}", line(head), *(line(c) for c in body), ""]
     return "\n".join(out).rstrip() + "\n" if out else ""

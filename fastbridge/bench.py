@@ -4,7 +4,8 @@ Runs ``pytest <repo>/benchmarks --benchmark-only [args]`` in a subprocess (the s
 into ``<results dir>/<device-slug>.json`` and prints a compact table of what this run measured, see
 benchmarks/conftest.py), then ``benchmarks/plot.py`` on the results (``results.md`` with every record,
 PNG plots) into ``<results dir>/plots``. Results dir: ``--fb-results-dir DIR``, else
-``$FASTBRIDGE_BENCH_OUT``, else ``~/.cache/fastbridge/bench`` (``fastbridge bench --help``). The benchmarks live in the source repository, not in the installed package:
+``$FASTBRIDGE_BENCH_OUT``, else ``~/.cache/fastbridge/bench`` (``fastbridge bench --help``).
+The benchmarks live in the source repository, not in the installed package:
 set FASTBRIDGE_BENCHMARKS_DIR to use another checkout's benchmarks/ folder.
 """
 from __future__ import annotations

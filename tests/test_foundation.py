@@ -499,7 +499,8 @@ def test_bench_subset_run_shows_only_its_records_and_writes_outside_the_checkout
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     for name in ("FASTBRIDGE_BENCH_OUT", "FASTBRIDGE_POISON"):  # tests/conftest.py poisons kernel outputs
         env.pop(name, None)
-    base = ["-m", "fastbridge", "bench", "--fb-warmup-ms", "1", "--fb-rep-ms", "2", "-p", "no:cacheprovider", "-rs", "-k"]
+    base = ["-m", "fastbridge", "bench", "--fb-warmup-ms", "1", "--fb-rep-ms", "2", "-p", "no:cacheprovider", "-rs",
+            "-k"]
     sel = "adapter_block_cpu and blip-d768-r16-N256- and eager"
     runs = []
     for k in (f"{sel} and not bwd", f"{sel} and fwd_bwd"):

@@ -91,10 +91,13 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bridge", choices=BRIDGES, default="llama-adapter")
     _common(p)
-    p.add_argument("--pretrained", default=None, help="local checkpoint directory (see build_model)")
+    p.add_argument("--pretrained", default=None,
+                   help="local checkpoint directory, checked before any work (qformer / adapter: a save_pretrained "
+                        "directory with a tokenizer; LLaMA-based bridges: vision/ and lm/ subfolders)")
     p.add_argument("--eager", action="store_true", help="train unpatched (fastbridge.unpatch): the eager baseline")
     p.add_argument("--compare", action="store_true", help="train eager and fastbridge from the same seed and compare")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/bridge.safetensors + trainer state")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.safetensors (same settings): bridge, optimizer, step, losses")
     p.add_argument("--save-every", type=_nonneg_int, default=200,
                    help="checkpoint every N steps (default 200; 0: only at the end). Ctrl-C / SIGTERM also "
                         "checkpoint; continue with --resume")

@@ -390,7 +390,8 @@ def evaluate(model: BridgeModel, tokenizer, split: SplitData, cfg: TrainConfig, 
                                   {q["question_id"]: q["answers"] for q in qs},
                                   answer_types={q["question_id"]: q["answer_type"] for q in qs})
         result["vqa"] = {"accuracy": acc["overall"], **{f"accuracy/{k}": v for k, v in acc["per_answer_type"].items()}}
-    log(f"{label} ({cfg.bridge}, {len(split.image_ids)} images, {time.perf_counter() - t0:.0f}s): {_score_line(result)}")
+    log(f"{label} ({cfg.bridge}, {len(split.image_ids)} images, {time.perf_counter() - t0:.0f}s): "
+        f"{_score_line(result)}")
     return result
 
 
@@ -495,7 +496,8 @@ def save_checkpoint(model: BridgeModel, opt: torch.optim.Optimizer, step: int, c
     tensors["history/losses"] = torch.tensor(history.get("losses", []), dtype=torch.float64)
     tensors["history/step_times"] = torch.tensor(history.get("step_times", []), dtype=torch.float64)
     state = {"step": step, "optimizer_meta": meta, "config": asdict(cfg), "before": history.get("before")}
-    atomic_write(out / CHECKPOINT, lambda tmp: save_file(tensors, tmp, metadata={"fastbridge.trainer": json.dumps(state)}))
+    meta = {"fastbridge.trainer": json.dumps(state)}
+    atomic_write(out / CHECKPOINT, lambda tmp: save_file(tensors, tmp, metadata=meta))
     fastbridge.save_trainable(model, out / "bridge.safetensors")
 
 
