@@ -263,6 +263,17 @@ def demo_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def calls_line(calls: dict) -> str:
+    """One line from metrics["calls"] (fastbridge.stats): what the integrations' calls ran."""
+    if not calls:
+        return "fastbridge calls: none recorded (nothing patched runs through fastbridge)"
+    parts = []
+    for name, c in calls.items():
+        fb = sum(c.get("fallback", {}).values())
+        parts.append(f"{name} {c.get('fused', 0)} fused / {c.get('reference', 0)} reference / {fb} fallback")
+    return "fastbridge calls (fastbridge.stats): " + "; ".join(parts)
+
+
 def _setup_logging(verbose: bool = False) -> None:
     log = logging.getLogger("fastbridge")
     if not log.handlers:
@@ -339,6 +350,7 @@ def train_main(args, parser: argparse.ArgumentParser) -> int:
         return 0
     m = run(cfg)
     print(summary_table([{**m, "bridge": cfg.bridge}]))
+    print(calls_line(m.get("calls") or {}))
     print(f"wrote {out / 'metrics.json'}, {out / 'loss.png'}, {out / 'bridge.safetensors'}")
     return 0
 
