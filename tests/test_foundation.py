@@ -281,6 +281,23 @@ def test_stats_of_the_qformer_attention(fresh_stats):
                                    "Q-Former attention)"]
 
 
+def test_auto_fallback_compiles_without_graph_break(monkeypatch, fresh_stats):
+    """"auto" falling back to the reference under torch.compile(fullgraph=True): the one-time warning is
+    not traced (it used to break the graph: warnings.warn is skipped by dynamo); the eager call warns."""
+    monkeypatch.delenv("FASTBRIDGE_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "triton_interpret", lambda: False)
+    monkeypatch.setattr(_backend, "_warned", set())
+    m = BottleneckAdapter(8, 4)
+    x = torch.randn(2, 8)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        y = torch.compile(m, fullgraph=True, backend="eager")(x)
+        assert not [i for i in w if issubclass(i.category, fastbridge.FastbridgeFallbackWarning)]
+        torch.testing.assert_close(y, m(x))
+    assert len([i for i in w if issubclass(i.category, fastbridge.FastbridgeFallbackWarning)]) == 1
+
+
 def test_patch_report_says_which_backend_will_run(monkeypatch):
     monkeypatch.delenv("FASTBRIDGE_BACKEND", raising=False)
     model = nn.Sequential(nn.Linear(8, 8), BottleneckAdapter(8, 4))
