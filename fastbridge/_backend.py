@@ -163,6 +163,9 @@ def _package_dirs() -> tuple[str, ...]:
         path = getattr(mod, "__file__", None)
         if path:
             dirs.append(os.path.dirname(os.path.abspath(path)) + os.sep)
+    kernels = sys.modules.get("fastbridge.kernels")  # a link to the repository's kernels/ folder
+    for path in getattr(kernels, "__path__", []):
+        dirs += [os.path.abspath(path) + os.sep, os.path.realpath(path) + os.sep]
     return tuple(dirs)
 
 
