@@ -758,6 +758,8 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = logger.info) -> dict:
         lm_dir = base / "lm"
         if warm and not (lm_dir / "config.json").exists():
             t0 = time.perf_counter()
+            log(f"base: warming up the random-init LLaMA on text alone ({cfg.warmup_lm_steps:,} steps; once, "
+                f"cached in {base})")
             lm = build_language_model(tokenizer, size, seed=cfg.seed).to(device).train()
             warm_hist = warmup_language_model(lambda i, m: lm(input_ids=i, attention_mask=m).logits,
                                               list(lm.parameters()), tokenizer, texts, cfg, device, amp)
@@ -783,6 +785,8 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = logger.info) -> dict:
             log(f"base: warmed-up BLIP text decoder from {base_file}")
         elif warm:
             t0 = time.perf_counter()
+            log(f"base: warming up the random-init BLIP text decoder on text alone ({cfg.warmup_lm_steps:,} steps; "
+                f"once, cached in {base})")
             model.train()
             params = dict(dec.named_parameters())
             warm_hist = warmup_language_model(model.lm_logits, [params[n] for n in names], tokenizer, texts, cfg,
@@ -813,6 +817,8 @@ def _prepare_vision(model: BridgeModel, tokenizer, train: SplitData, cfg: TrainC
         log(f"base: pretrained-stand-in {name} from {f}")
         return json.loads(hist_file.read_text()) if hist_file.exists() else []
     t0 = time.perf_counter()
+    log(f"base: training the random-init {name} contrastively ({cfg.warmup_vision_steps:,} steps; once, cached in "
+        f"{base})")
     hist = warmup_vision(vision, tokenizer, train, cfg, device, amp)
     save_file({k: v.detach().cpu().contiguous() for k, v in vision.state_dict().items()}, str(f))
     hist_file.write_text(json.dumps(hist))
@@ -853,6 +859,10 @@ def run(cfg: TrainConfig, *, prepared: Optional[dict] = None, log: Callable[[str
         before = evaluate(model, tokenizer, p["val"], cfg, device, amp, log, what="before") if eval_before else None
     else:
         before = history.get("before")  # scored when the run started
+    last = cfg.steps if cfg.stop_at is None else min(cfg.stop_at, cfg.steps)
+    every = f"every {cfg.save_every:,} steps, " if cfg.save_every else ""
+    log(f"train {cfg.bridge}: steps {start + 1:,}..{last:,} of {cfg.steps:,}, {cfg.batch_size} examples each; "
+        f"checkpoints {every}at the end and on Ctrl-C")
     res = train_bridge(model, tokenizer, p["train"], cfg, device, amp, out, start, opt_state,
                        history={**history, "before": before})
     after = evaluate(model, tokenizer, p["val"], cfg, device, amp, log, what="after")
