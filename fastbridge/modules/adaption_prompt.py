@@ -26,8 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _stats
 from .. import reference as ref
 from ..ops import gated_attention
+from ..ops.gated_attention import _kernel_unavailable
+
+STATS_NAME = "fastbridge.AdaptionPromptAttention"  # fastbridge.stats(): this module's calls
 
 __all__ = ["AdaptionPromptAttention", "DynamicPromptGenerator", "rotate_half", "apply_rotary"]
 
@@ -85,6 +89,8 @@ class AdaptionPromptAttention(nn.Module):
     Parameters may stay fp32 while activations run in bf16/fp16: the prompt is cast to the activations'
     dtype before the (shared) projections.
     """
+
+    _fastbridge_stats_name = STATS_NAME
 
     def __init__(self, hidden_size: int, num_heads: int, prompt_len: int = 10, *, num_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, gate: str = "head", gate_fn: str = "tanh", bias: bool = False,
@@ -278,9 +284,11 @@ class AdaptionPromptAttention(nn.Module):
         pk, pv = self.project_prompt(self._prompt(B, x.dtype, prompt, prompt_add))
         pk, pv = pk.to(q.dtype), pv.to(q.dtype)
         if self.fused:
+            _stats.record_op(STATS_NAME, lambda: _kernel_unavailable(q, (k, v, pk, pv, self.adaption_gate)))
             out = gated_attention(q, k, v, pk, pv, self.adaption_gate, causal=self.causal, scale=self.scale,
                                   gate_fn=self.gate_fn, key_padding_mask=kpm)
         else:
+            _stats.record(STATS_NAME, "fallback", "fused=False (fastbridge.unpatch): the eager composition")
             out = self._eager(q, k, v, pk, pv, kpm)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))
 

@@ -164,7 +164,7 @@ if _build._ops_present():
     _register()
 
 
-@torch.compiler.assume_constant_result
+@_backend.assume_constant
 def _extension_reason() -> str:
     """'' when the extension is loaded (built on first use), else why not. Read once at trace time."""
     try:
@@ -174,12 +174,12 @@ def _extension_reason() -> str:
         return str(e)
 
 
-@torch.compiler.assume_constant_result
+@_backend.assume_constant
 def _cuda_kernels_built() -> bool:
     return _build.has_cuda_kernels()
 
 
-@torch.compiler.assume_constant_result
+@_backend.assume_constant
 def _allow_tf32() -> bool:
     # torch's fp32 matmul precision, new API first (the legacy getter raises when the two are mixed)
     try:
@@ -189,13 +189,13 @@ def _allow_tf32() -> bool:
     return fp32_matmul_allows_tf32()
 
 
-@torch.compiler.assume_constant_result
+@_backend.assume_constant
 def _cuda_smem_needed(dtype: torch.dtype, D: int, backward: bool) -> int:
     """Bytes of shared memory per block of the smallest CUDA launch (csrc/qformer_cuda_layout.h)."""
     return int(torch.ops.fastbridge.qformer_cuda_smem_bytes(dtype, D, backward))
 
 
-@torch.compiler.assume_constant_result
+@_backend.assume_constant
 def _cuda_smem_allowed(index: int) -> Optional[int]:
     """The device's opt-in shared memory per block (None where torch does not report it)."""
     return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
