@@ -9,6 +9,10 @@ This file never imports torch, so the build needs no torch and pip never pulls o
 build environment. The C++/CUDA extension (csrc/) is JIT-built on first use; its sources ship as
 package data (``fastbridge.csrc``). ``FASTBRIDGE_BUILD_EXT=1 pip install -e . --no-build-isolation``
 builds it ahead of time instead (csrc/aot_build.py -> CMakeLists.txt; only that mode imports torch).
+
+Version floors (README "Tested versions"): transformers / peft / triton floors are the versions CI's
+"oldest" lane installs and tests (.ci/run reads them from here); the torch floor is the GPU image's
+torch (2.11), which CI does not run: CI tests the CPU wheel of torch 2.13.0.
 """
 import os
 import re
@@ -46,12 +50,18 @@ if os.environ.get("FASTBRIDGE_BUILD_EXT", "").strip() == "1":  # ahead-of-time C
 
     aot = aot_setup_kwargs(ROOT)
 
+# The oldest tested versions (.ci/run installs exactly these in its second lane).
+TORCH_MIN = "2.11"  # the GPU image's torch; CI runs 2.13.0 (CPU wheel) only
+TRITON_MIN = "3.6.0"
+TRANSFORMERS_MIN = "5.17.0"
+PEFT_MIN = "0.18.0"
+
 extras = {
     "test": [
         "pytest>=8",
         "pytest-benchmark>=4",
-        "transformers>=4.57",
-        "peft>=0.17",
+        f"transformers>={TRANSFORMERS_MIN}",
+        f"peft>={PEFT_MIN}",
         "accelerate",
         "safetensors",
         "expecttest",
@@ -63,7 +73,7 @@ extras = {
         "tqdm",
     ],
     # fastbridge demo / train: data through datasets, scores through pycocoevalcap, plots, progress bars
-    "eval": ["transformers>=4.57", "datasets", "pycocoevalcap", "pillow", "matplotlib", "tqdm"],
+    "eval": [f"transformers>={TRANSFORMERS_MIN}", "datasets", "pycocoevalcap", "pillow", "matplotlib", "tqdm"],
 }
 extras["all"] = sorted(set(extras["test"]) | set(extras["eval"]))
 
@@ -77,7 +87,7 @@ setup(
     packages=packages,
     package_dir=package_dir,
     package_data=package_data,
-    install_requires=["torch>=2.5", "triton>=3.3", "numpy", "safetensors", "ninja"],
+    install_requires=[f"torch>={TORCH_MIN}", f"triton>={TRITON_MIN}", "numpy", "safetensors", "ninja"],
     extras_require=extras,
     entry_points={"console_scripts": ["fastbridge=fastbridge.cli:main"]},
     **aot,

@@ -9,7 +9,11 @@ Results: every benchmark adds a Record (benchmarks/_harness.py) to a session-wid
 end they are merged into ``<results dir>/<device-slug>.json``, one file per device the records ran on
 (a GPU run's CPU benchmarks go to the host CPU's file). A rerun replaces the records with the same
 (op, provider, mode, dtype, shape) and keeps the others, so every op's benchmark file shares one file
-per device. Results dir: ``--fb-results-dir``, else ``$FASTBRIDGE_BENCH_OUT``, else benchmarks/results.
+per device. Results dir: ``--fb-results-dir``, else ``$FASTBRIDGE_BENCH_OUT``, else
+``$XDG_CACHE_HOME/fastbridge/bench`` (``~/.cache/fastbridge/bench``): a run never leaves untracked files in
+the checkout unless asked to (the committed GPU results: ``--fb-results-dir benchmarks/results``). At the
+end, a compact table of the records this session measured is printed (earlier results in the file are not
+shown as new).
 
 Options (each also read from an environment variable, for ``fastbridge bench``):
   --fb-results-dir DIR     FASTBRIDGE_BENCH_OUT          where the JSON goes
@@ -89,7 +93,7 @@ def pytest_addoption(parser):
     g = parser.getgroup("fastbridge benchmarks")
     g.addoption("--fb-results-dir", default=os.environ.get("FASTBRIDGE_BENCH_OUT") or None,
                 help="directory of the <device-slug>.json results (default: $FASTBRIDGE_BENCH_OUT, "
-                     "else benchmarks/results)")
+                     "else ~/.cache/fastbridge/bench; the committed GPU results are benchmarks/results)")
     g.addoption("--fb-no-write", action="store_true", default=_env_flag("FASTBRIDGE_BENCH_NO_WRITE"),
                 help="do not write the JSON results")
     g.addoption("--fb-dtypes", default=os.environ.get("FASTBRIDGE_BENCH_DTYPES", "bf16"),
@@ -131,8 +135,14 @@ def fb_bench(benchmark, fb_results, request) -> H.Bencher:
 
 
 def results_dir(config) -> Path:
+    """--fb-results-dir, else $FASTBRIDGE_BENCH_OUT, else ~/.cache/fastbridge/bench (XDG_CACHE_HOME):
+    never untracked files in the checkout unless asked (the committed GPU results: benchmarks/results)."""
     d = config.getoption("fb_results_dir")
-    return Path(d).expanduser().resolve() if d else _HERE / "results"
+    if d:
+        return Path(d).expanduser().resolve()
+    import plot
+
+    return plot.default_results_dir().resolve()
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -151,6 +161,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if collector is None or not len(collector):
         return
     written = config.stash.get(_WRITTEN, [])
+    import plot
+
+    records = [r.to_json() for _, recs in collector._by_device.values() for r in recs]
+    terminalreporter.write_sep("-", f"fastbridge: the {len(records)} benchmark records this run measured")
+    for line in plot.compact_table(records).splitlines():
+        terminalreporter.write_line(line)
     if config.getoption("fb_no_write"):
         terminalreporter.write_line(f"fastbridge: {len(collector)} benchmark records measured, not written "
                                     "(--fb-no-write)")

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Wheels for the packages the lent GPU machine lacks, fetched HERE (it has no network) into .whl/
 # (git-ignored), to be carried with a device call (`carry: [".whl"]`); benchmarks/run_gpu.sh's setup stage
-# installs them there. The machine's image (Python 3.12, x86-64) already has torch, triton, transformers,
-# peft, safetensors, pyarrow, pandas, matplotlib, tqdm, pytest, pytest-benchmark; it lacks what the
-# `fastbridge demo` stage needs: datasets (+ dill, multiprocess) and pycocoevalcap (+ pycocotools).
+# installs them there. The machine's image (Python 3.12, x86-64, torch 2.11.0+cu130, triton 3.6,
+# transformers 5.17) already has torch, triton, transformers, peft, safetensors, pyarrow, pandas, matplotlib,
+# tqdm, pytest, pytest-benchmark; it lacks what the `fastbridge demo` stage needs: datasets (+ dill,
+# multiprocess) and pycocoevalcap (+ pycocotools). The first GPU contact (STAGES=first / second,
+# benchmarks/first_contact.py) needs none of them: its calls carry nothing.
 #
 #   bash benchmarks/device_wheels.sh          # -> .whl/*.whl, a few MB
 #

@@ -80,7 +80,7 @@ def section(paths: list[Path]) -> str:
     if not docs:
         lines += ["No GPU results are committed yet (`benchmarks/results/` holds no CUDA device file), so",
                   "fastbridge makes no speed or memory claim. See `benchmarks/notes/<op>.md` for the floors",
-                  "and predictions, and issue 6 for the runs still owed.", ""]
+                  "and predictions, and `benchmarks/run_gpu.sh` for the runs that produce these numbers.", ""]
     for path, doc in docs:
         lines += [f"**{doc['device']}** (`benchmarks/results/{path.name}`): torch {doc['torch']}, triton "
                   f"{doc['triton']}, CUDA {doc['cuda']}, fastbridge {str(doc['fastbridge'])[:12]}"

@@ -1,13 +1,43 @@
 #!/usr/bin/env bash
-# Everything fastbridge needs a GPU for, written into one folder: versions and device, the whole test
-# suite on CUDA (fp32 / fp16 / bf16 kernel tests), the measured ceilings, the benchmark suite (results JSON
-# merged per device) and its plots + markdown table; on request the launch-config sweep and the demo.
+# Everything fastbridge needs a GPU for. Two kinds of use:
+#
+# 1. THE FIRST GPU CONTACT (STAGES=first, then STAGES=second): the prepared, rehearsed device calls of
+#    benchmarks/first_contact.py (its docstring lists the stages). Run them before anything else whenever a
+#    GPU machine is lent. The budget (device tool, /work/.library/device/README.md, as of 2026-12):
+#      15 minutes of device time per session in all -- the machine's start (1-2 min), every call, the idle
+#      time between calls and the give-back all count; <= 10 minutes per command; at most 8 files back from
+#      $OUT (16 MiB each, names of letters / digits / . _ -, <= 2 folders down); no network on the machine;
+#      it stays warm only 30 s after a call. The image: Python 3.12, torch 2.11.0+cu130 (CUDA 13),
+#      triton 3.6, transformers 5.17, peft, pytest: no wheels to carry. The device's copy of the tree has no
+#      .git, so first record the git state here (git-ignored file, carried):
+#        python benchmarks/first_contact.py stamp      # -> benchmarks/device_stamp.json
+#    Call 1 (<= 8 min: deadline 450 s, then at most ~30 s of cut-off), device tool `run` with
+#      command:   STAGES=first bash benchmarks/run_gpu.sh
+#                 (= python3 benchmarks/first_contact.py run --stages first --out "$OUT")
+#      carry:     ["benchmarks/device_stamp.json"]            timeout_s: 500
+#      -> first_summary.json, first.log, info.txt, correctness.jsonl, <device>.json (5 files)
+#    Call 2, at once (within the 30 s the machine stays warm; `status` first only if unsure: budget_left_s must
+#    exceed DEADLINE + ~40 s), with
+#      command:   STAGES=second DEADLINE=230 bash benchmarks/run_gpu.sh
+#      carry:     ["benchmarks/device_stamp.json"]            timeout_s: 270
+#      -> second_summary.json, second.log, info.txt, <device>.json, sweep_results.json (5 files)
+#    then `give_back`. Every stage writes as it goes and has its own time budget (SIGINT at the end of it), so
+#    a call that is cut off still returns what it measured. Here, after each call:
+#      python benchmarks/first_contact.py unpack <files_at>     # merges <device>.json into benchmarks/results,
+#                                                               # logs -> benchmarks/results/runs/<date>-<plan>/
+#      python benchmarks/plot.py benchmarks/results/*.json --out benchmarks/results/plots
+#      python benchmarks/readme_perf.py                         # README's performance section
+#    and commit benchmarks/results + README.md; fix what failed; record prediction vs outcome in
+#    benchmarks/notes/<op>.md. The rehearsal on CPU (also run by tests/test_first_contact.py in CI):
+#      STAGES=first DRY_RUN=1 bash benchmarks/run_gpu.sh     # or: python benchmarks/first_contact.py run --dry-run
+#
+# 2. LATER SESSIONS (the full suite, in slices of < 10 minutes), into RESULTS_DIR:
 #
 #   bash benchmarks/run_gpu.sh [RESULTS_DIR]        # default RESULTS_DIR: benchmarks/results
 #
 # Stages (STAGES=a,b,...; default setup,info,build,tests,bench,plot), in this order:
 #   setup  make fastbridge importable on a machine without network: wheels carried in .whl/ (made here by
-#          benchmarks/device_wheels.sh: datasets, pycocoevalcap, ... for the demo) are installed into
+#          benchmarks/device_wheels.sh: datasets, pycocoevalcap, ... for the demo only) are installed into
 #          /tmp/fastbridge-site (PYTHONPATH), and fastbridge itself with `pip install --no-deps
 #          --no-build-isolation --no-index -e .` unless it already imports from this tree; prints versions
 #   info   `fastbridge info` + nvidia-smi                            -> info.txt
@@ -20,24 +50,33 @@
 #   sweep  (not default) benchmarks/sweep_tiles.py run            -> sweep/ (SWEEP_ARGS: its options)
 #   demo   (not default) `fastbridge demo --compare` at GPU size  -> demo/ (DEMO_BRIDGES, DEMO_ARGS)
 # Every stage is cut off by DEADLINE seconds after the start (default 570: one device command may run 600).
-# BUNDLE=FILE.tar.gz packs RESULTS_DIR into FILE when the script ends, also after a failure or a timeout.
-#
-# On the lent H100 (device tool: 30 min of device time per session, <= 10 min per command, at most 8 files
-# back from $OUT, a machine that stays warm only 30 s between calls), prepare here first:
-#   bash benchmarks/device_wheels.sh                 # .whl/ (1.3 MB; git-ignored)
-# then run, each call with carry [".whl"], each well under 10 minutes:
-#   1. BUNDLE=$OUT/r1.tar.gz STAGES=setup,info,build,tests bash benchmarks/run_gpu.sh
-#   2. BUNDLE=$OUT/r2.tar.gz STAGES=setup,bench,plot BENCH_ARGS=--fb-quick bash benchmarks/run_gpu.sh
-#   3. BUNDLE=$OUT/r3.tar.gz STAGES=setup,sweep,bench,plot BENCH_K="e2e_cuda or qformer_train_step" \
-#        bash benchmarks/run_gpu.sh
-#   (4. the full grids in BENCH_K slices: benchmarks/notes/<op>.md; STAGES=setup,demo for the demo)
-# and unpack each bundle here into benchmarks/results (`tar xzf <files_at>/rN.tar.gz -C benchmarks/results`)
-# before the next call, so that call merges into the same JSON; finally `python benchmarks/readme_perf.py`.
+# BUNDLE=FILE.tar.gz packs RESULTS_DIR into FILE when the script ends, also after a failure or a timeout
+# (one file back instead of many: the device returns at most 8).
+# With 15 device minutes per session, one session holds about one such call after its start; e.g.
+#   BUNDLE=$OUT/r.tar.gz STAGES=setup,info,build,tests bash benchmarks/run_gpu.sh        (timeout_s 600)
+#   BUNDLE=$OUT/r.tar.gz STAGES=setup,bench,plot BENCH_ARGS=--fb-quick bash benchmarks/run_gpu.sh
+# (the demo needs `bash benchmarks/device_wheels.sh` here first and carry [".whl"]); unpack with
+# `tar xzf <files_at>/r.tar.gz -C benchmarks/results`, then `python benchmarks/readme_perf.py`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-benchmarks/results}
 STAGES=${STAGES:-setup,info,build,tests,bench,plot}
 PY=${PYTHON:-python3}
+
+# The first GPU contact: benchmarks/first_contact.py (its own stages, budgets and file rules).
+if [ "$STAGES" = first ] || [ "$STAGES" = second ]; then
+  fc_out=${OUT:-}
+  [ -n "${1:-}" ] && fc_out=$1
+  fc_args=(run --stages "$STAGES")
+  [ -n "$fc_out" ] && fc_args+=(--out "$fc_out")
+  [ -n "${DEADLINE:-}" ] && fc_args+=(--deadline "$DEADLINE")
+  [ "${DRY_RUN:-0}" = 1 ] && fc_args+=(--dry-run)
+  if [ -z "$fc_out" ] && [ "${DRY_RUN:-0}" != 1 ]; then
+    echo "run_gpu.sh: STAGES=$STAGES writes into \$OUT (the device tool sets it) or the folder given" >&2
+    exit 2
+  fi
+  exec "$PY" benchmarks/first_contact.py "${fc_args[@]}"
+fi
 mkdir -p "$RESULTS"
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 export PYTHONUNBUFFERED=1

@@ -13,7 +13,7 @@
 // a GEMM wants them so), the scores of all Lq x Lk pairs are computed by a register-blocked GEMM
 // (Lk <= a few thousand: a direct softmax, no online rescaling), softmax / masks / dropout run in one
 // vectorised pass per row, and the products with V (and in the backward dV, dK, dQ) are GEMMs again.
-// Forward saves only the log-sum-exp; the backward recomputes the probabilities from it.
+// Forward saves only the row statistics (max, log of the sum); the backward recomputes the probabilities.
 #include <stdint.h>
 
 #include "philox.h"
@@ -260,15 +260,45 @@ FB_INLINE const float* operand(ElemType dt, const void* base, int64_t rows, int6
 // Scores are handled key-major (S^T: one row per key, queries along the vector lanes), so K and V
 // are GEMM operands as they are stored, and per-query statistics (max, sum, log sum, delta) are vectors.
 
-// 0 for a visible key j < Lk, -inf for a masked key.
-FB_INLINE float key_add(const QfParams& p, int64_t b, int64_t j) {
-  return (p.key_mask && !p.key_mask[b * p.km_b + j * p.km_k]) ? kNegInf : 0.f;
+// Masked keys (key_mask false) influence nothing, whatever their K / V rows hold (NaN, inf): their rows
+// are never read (the GEMM operands get zeros there: 0 * NaN would be NaN), their scores are set to -inf
+// (never added to: NaN + -inf is NaN, and a NaN would reach the row max), and in the backward their dS /
+// Pd rows are set to 0. The CUDA kernels do the same (qformer_cross_attention_cuda.cu).
+FB_INLINE bool key_visible(const QfParams& p, int64_t b, int64_t j) {
+  return !p.key_mask || p.key_mask[b * p.km_b + j * p.km_k];
 }
 
-// st[0:LqP) = st * scale + key_add(j) (+ bias[b, h, i, j] for i < Lq); columns i >= Lq left as they are.
+// K or V rows [j0, j0 + n) of one (b, h) (`base` = row 0, row stride ld_src) as a GEMM operand (see
+// operand()); rows of masked keys are zeros in `buf`, never read from the tensor.
+FB_INLINE const float* key_operand(const QfParams& p, int64_t b, const void* base, int64_t j0, int64_t n,
+                                   int64_t ld_src, int64_t DP, float* buf, int64_t* ld_out) {
+  bool masked = false;
+  for (int64_t r = 0; r < n && !masked; ++r) masked = !key_visible(p, b, j0 + r);
+  const void* first = at(base, p.dtype, j0 * ld_src);
+  if (!masked) return operand(p.dtype, first, n, ld_src, p.D, DP, buf, ld_out);
+  for (int64_t r = 0; r < n; ++r) {
+    float* dst = buf + r * DP;
+    if (key_visible(p, b, j0 + r)) {
+      load_row(p.dtype, at(first, p.dtype, r * ld_src), p.D, dst);
+      zero(dst + p.D, DP - p.D);
+    } else {
+      zero(dst, DP);
+    }
+  }
+  *ld_out = DP;
+  return buf;
+}
+
+// st[0:LqP) = st * scale (+ bias[b, h, i, j] for i < Lq; columns i >= Lq left as they are) for a visible
+// key j; -inf for a masked one.
 FB_INLINE void scores_keyrow(const QfParams& p, int64_t b, int64_t h, int64_t j, int64_t LqP, float* st) {
-  const vf sc = vset(p.scale), ka = vset(key_add(p, b, j));
-  for (int64_t i = 0; i < LqP; i += VL) vstore(st + i, vload(st + i) * sc + ka);
+  if (!key_visible(p, b, j)) {
+    const vf ninf = vset(kNegInf);
+    for (int64_t i = 0; i < LqP; i += VL) vstore(st + i, ninf);
+    return;
+  }
+  const vf sc = vset(p.scale);
+  for (int64_t i = 0; i < LqP; i += VL) vstore(st + i, vload(st + i) * sc);
   if (p.bias) {
     const float* bias = p.bias + b * p.bs_b + h * p.bs_h + j * p.bs_k;
     if (p.bs_q == 0) {
@@ -372,8 +402,8 @@ void qformer_fwd_range(const QfParams& p, int64_t begin, int64_t end, float* ws)
     int64_t ldq, ldk, ldv;
     const float* q = operand(p.dtype, at(p.q, p.dtype, b * p.sq.b + h * p.sq.h), Lq, p.sq.l, D, DP, qrows, &ldq);
     transpose(q, Lq, ldq, D, Qt, LqP);
-    const float* K = operand(p.dtype, at(p.k, p.dtype, b * p.sk.b + h * p.sk.h), Lk, p.sk.l, D, DP, Kb, &ldk);
-    const float* V = operand(p.dtype, at(p.v, p.dtype, b * p.sv.b + h * p.sv.h), Lk, p.sv.l, D, DP, Vb, &ldv);
+    const float* K = key_operand(p, b, at(p.k, p.dtype, b * p.sk.b + h * p.sk.h), 0, Lk, p.sk.l, DP, Kb, &ldk);
+    const float* V = key_operand(p, b, at(p.v, p.dtype, b * p.sv.b + h * p.sv.h), 0, Lk, p.sv.l, DP, Vb, &ldv);
     gemm<false>(Lk, LqP, D, K, ldk, Qt, LqP, ST, LqP, false);  // S^T = K Q^T
     if (bh + 1 < end) {  // the next pair's K comes in during this pair's softmax and P V
       const int64_t b2 = (bh + 1) / p.H, h2 = (bh + 1) % p.H;
@@ -467,8 +497,8 @@ void qformer_bwd_range(const QfParams& p, int64_t begin, int64_t end, float* ws)
     for (int64_t j0 = 0; j0 < Lk; j0 += KB) {
       const int64_t nk = Lk - j0 < KB ? Lk - j0 : KB;  // keys in this block
       int64_t ldk, ldv;
-      const float* K = operand(p.dtype, at(kbase, p.dtype, j0 * p.sk.l), nk, p.sk.l, D, DP, Kb, &ldk);
-      const float* V = operand(p.dtype, at(vbase, p.dtype, j0 * p.sv.l), nk, p.sv.l, D, DP, Vb, &ldv);
+      const float* K = key_operand(p, b, kbase, j0, nk, p.sk.l, DP, Kb, &ldk);
+      const float* V = key_operand(p, b, vbase, j0, nk, p.sv.l, DP, Vb, &ldv);
       if (j0 + KB < Lk) {  // the next block's K and V rows come in while this block computes
         const int64_t nn = Lk - j0 - KB < KB ? Lk - j0 - KB : KB;
         prefetch_rows(p.dtype, kbase, j0 + KB, nn, p.sk.l, D);
@@ -481,6 +511,11 @@ void qformer_bwd_range(const QfParams& p, int64_t begin, int64_t end, float* ws)
         float* st = ST + jj * LqP;
         float* dpt = dPT + jj * LqP;
         const float* kp = keepT + jj * LqP;
+        if (!key_visible(p, b, j0 + jj)) {  // a masked key: dS = Pd = 0 exactly
+          zero(st, LqP);
+          zero(dpt, LqP);
+          continue;
+        }
         scores_keyrow(p, b, h, j0 + jj, LqP, st);
         for (int64_t c = 0; c < nvq; ++c) {
           const int64_t i = c * VL;

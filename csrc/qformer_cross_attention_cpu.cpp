@@ -160,7 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qformer_attn_bwd_cpu(
 // The dropout keep mask (B, H, Lq, Lk) of the probabilities of an (out-shaped) `like`: the mask every
 // kernel (CPU and CUDA) applies for this rng = [seed, offset] -- for tests and debugging.
 at::Tensor qformer_dropout_keep_cpu(const at::Tensor& like, const at::Tensor& rng, int64_t Lk, double dropout_p) {
-  const QfParams p = dropout_keep_params(like, rng, Lk, dropout_p);
+  const at::Tensor r = rng.contiguous();
+  const QfParams p = dropout_keep_params(like, r, Lk, dropout_p);
   at::Tensor keep = at::empty({p.B, p.H, p.Lq, Lk}, like.options().dtype(at::kBool));
   bool* kp = keep.data_ptr<bool>();
   at::parallel_for(0, p.B * p.H * p.Lq, 64,

@@ -13,11 +13,17 @@
 //    the probabilities. Not lse = m + log l, which rounds to m under a huge finite mask.
 //  * backward: one block per (batch*head), 4 warps; key blocks of 64 (warp w owns 16 keys) in an
 //    outer loop, query tiles of 32 rows in an inner loop. Per tile: S^T = K Q^T and dPd^T = V dO^T
-//    (WMMA), P = exp2(((S - m) - log l) log2 e) recomputed, the dropout mask replayed, dS = P (dP - delta);
-//    dV += Pd^T dO and dK += dS^T Q accumulate in fp32 shared memory for the key block;
-//    dQ += dS K goes to an fp32 buffer this block owns alone (no atomics: deterministic). delta =
-//    rowsum(dO o O) is computed by the block first. dq (and its sum over the batch for a broadcast
-//    query) is finished by the host.
+//    (WMMA), P = exp2(((S - m) - log l) log2 e) recomputed, the dropout mask replayed, dS = P (dP - delta)
+//    (Pd^T / dS^T written over S^T / dP^T as those are read); dV += Pd^T dO and dK += dS^T Q accumulate
+//    in fp32 shared memory for the key block; dQ += dS K accumulates for the whole (b, h) in fp32 shared
+//    memory for Lq <= 64 (where the device allows the larger layout), else in an fp32 buffer this block
+//    owns alone (no atomics: deterministic). The block writes dQ once at the end, scaled, in q's dtype
+//    and layout (a query batch broadcast over B: fp32 per b, summed by the host). delta = rowsum(dO o O)
+//    is computed by the block first.
+//  * masked keys (key_mask false) influence nothing: their K / V rows are never read (zeros in shared
+//    memory), their scores are set to -inf (not added to: NaN + -inf is NaN), their dS / Pd are 0.
+//  * dropout seed / offset: from a device rng tensor (read by the kernels: CUDA-graph safe), or a host
+//    one (refused under stream capture).
 // Intermediate values are staged through shared memory (WMMA fragments have no defined element
 // layout), which keeps every index explicit.
 // No ATen/cuda or c10/cuda header (they need cuBLAS / cuSPARSE headers and a generated header that
@@ -33,6 +39,8 @@
 #include <mma.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
 #include <type_traits>
 
 #include "philox.h"
@@ -129,17 +137,40 @@ __device__ __forceinline__ void mma_tile(Acc<T>& acc, const T* A, int lda, const
 }
 
 // rows x D tile from global (row stride ld elements; D contiguous; 16-byte aligned rows) into shared
-// memory (leading dim LD), rows >= valid zero-filled. All threads of the block take part.
+// memory (leading dim LD), rows >= valid -- and rows r with vis[r] == 0 (masked keys) when vis is given
+// -- zero-filled, never read. All threads of the block take part.
 template <typename T, int D, int LD>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int rows, int valid, int tid,
-                                          int nthreads) {
+                                          int nthreads, const float* vis = nullptr) {
   constexpr int CH = 16 / sizeof(T);  // elements per 16-byte chunk
+  static_assert(D % CH == 0, "load_tile: a row is whole 16-byte chunks");
   constexpr int PER_ROW = D / CH;
   for (int idx = tid; idx < rows * PER_ROW; idx += nthreads) {
     const int r = idx / PER_ROW, c = (idx % PER_ROW) * CH;
     uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (r < valid) val = *reinterpret_cast<const uint4*>(src + r * ld + c);
+    if (r < valid && (vis == nullptr || vis[r] != 0.f)) val = *reinterpret_cast<const uint4*>(src + r * ld + c);
     *reinterpret_cast<uint4*>(dst + r * LD + c) = val;
+  }
+}
+
+// Dropout seed / offset: from the device rng tensor when there is one (CUDA-graph safe: a replay reads
+// what the graph's own RNG op drew into it), else the host's values.
+struct Rng {
+  uint64_t seed, offset;
+};
+__device__ __forceinline__ Rng dropout_rng(const QfParams& p) {
+  if (p.rng_dev) return {static_cast<uint64_t>(p.rng_dev[0]), static_cast<uint64_t>(p.rng_dev[1])};
+  return {p.seed, p.offset};
+}
+
+// Visibility of the keys k0 .. k0 + kBN - 1 (1: visible, 0: masked or past Lk) into vis[kBN].
+__device__ __forceinline__ void key_visibility(const QfParams& p, int64_t b, int k0, int Lk, float* vis, int tid,
+                                               int nthreads) {
+  for (int c = tid; c < kBN; c += nthreads) {
+    const int j = k0 + c;
+    bool v = j < Lk;
+    if (v && p.key_mask) v = p.key_mask[b * p.km_b + j * p.km_k];
+    vis[c] = v ? 1.f : 0.f;
   }
 }
 
@@ -163,7 +194,7 @@ __global__ void __launch_bounds__(NW * 32, 1) qf_fwd_kernel(const QfParams p) {
   float* mrow = reinterpret_cast<float*>(smem + S::m);
   float* lrow = reinterpret_cast<float*>(smem + S::l);
   float* arow = reinterpret_cast<float*>(smem + S::a);
-  float* kadd = reinterpret_cast<float*>(smem + S::kadd);
+  float* kvis = reinterpret_cast<float*>(smem + S::kvis);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, nthreads = NW * 32;
   const int64_t bh = blockIdx.x;
@@ -174,6 +205,7 @@ __global__ void __launch_bounds__(NW * 32, 1) qf_fwd_kernel(const QfParams p) {
   // (HF's eager masks) times log2(e) would overflow to -inf and empty a row the CPU kernel and the
   // reference average over. Differences to the max are taken to log2 units: exp2((s - m) log2 e).
   const bool dropout = p.dropout_p > 0.f;
+  const Rng rng = dropout ? dropout_rng(p) : Rng{0, 0};
 
   const T* qg = static_cast<const T*>(p.q) + b * p.sq.b + h * p.sq.h + q0 * p.sq.l;
   load_tile<T, D, LDT>(Qs, qg, p.sq.l, BM, min(BM, Lq - q0), tid, nthreads);
@@ -187,16 +219,13 @@ __global__ void __launch_bounds__(NW * 32, 1) qf_fwd_kernel(const QfParams p) {
   const int r0 = 16 * warp;  // this warp's rows of the tile
 
   for (int k0 = 0; k0 < Lk; k0 += kBN) {
-    __syncthreads();  // every warp is done with the previous K / V tile
+    __syncthreads();  // every warp is done with the previous K / V tile and its visibility
+    key_visibility(p, b, k0, Lk, kvis, tid, nthreads);
+    __syncthreads();
+    // Masked keys' K / V rows are zeros (never read: 0 * NaN would be NaN in P V), their scores -inf.
     const int valid = min(kBN, Lk - k0);
-    load_tile<T, D, LDT>(Ks, kg + k0 * p.sk.l, p.sk.l, kBN, valid, tid, nthreads);
-    load_tile<T, D, LDT>(Vs, vg + k0 * p.sv.l, p.sv.l, kBN, valid, tid, nthreads);
-    for (int c = tid; c < kBN; c += nthreads) {
-      const int j = k0 + c;
-      bool vis = j < Lk;
-      if (vis && p.key_mask) vis = p.key_mask[b * p.km_b + j * p.km_k];
-      kadd[c] = vis ? 0.f : -INFINITY;
-    }
+    load_tile<T, D, LDT>(Ks, kg + k0 * p.sk.l, p.sk.l, kBN, valid, tid, nthreads, kvis);
+    load_tile<T, D, LDT>(Vs, vg + k0 * p.sv.l, p.sv.l, kBN, valid, tid, nthreads, kvis);
     __syncthreads();
 
     // S_w = Q_w K^T (16 x BN), fp32, to shared memory
@@ -210,16 +239,19 @@ __global__ void __launch_bounds__(NW * 32, 1) qf_fwd_kernel(const QfParams p) {
     __syncwarp();
 
     // online softmax over this key tile: 16 lanes per row, 4 consecutive keys per lane (one Philox
-    // draw), 2 rows per pass.
+    // draw), 2 rows per pass (8 passes: the warp's 16 rows). A masked key's score is set to -inf, never
+    // added to (NaN + -inf is NaN).
 #pragma unroll 1
     for (int pass = 0; pass < 8; ++pass) {
       const int r = r0 + 2 * pass + lane / 16, c = (lane % 16) * 4, i = q0 + r;
       float s[4];
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
-        s[t] = Ss[r * LDS + c + t] * p.scale + kadd[c + t];
-        if (p.bias && i < Lq && k0 + c + t < Lk)
-          s[t] += p.bias[b * p.bs_b + h * p.bs_h + i * p.bs_q + (k0 + c + t) * p.bs_k];
+        s[t] = -INFINITY;
+        if (kvis[c + t] != 0.f) {
+          s[t] = Ss[r * LDS + c + t] * p.scale;
+          if (p.bias && i < Lq) s[t] += p.bias[b * p.bs_b + h * p.bs_h + i * p.bs_q + (k0 + c + t) * p.bs_k];
+        }
       }
       float mx = fmaxf(fmaxf(s[0], s[1]), fmaxf(s[2], s[3]));
 #pragma unroll
@@ -239,7 +271,7 @@ __global__ void __launch_bounds__(NW * 32, 1) qf_fwd_kernel(const QfParams p) {
       if (dropout) {
         float keep[4] = {0.f, 0.f, 0.f, 0.f};
         if (i < Lq) {
-          const PhiloxOut d = fb_dropout_draw(p.seed, p.offset, static_cast<uint64_t>(bh * Lq + i),
+          const PhiloxOut d = fb_dropout_draw(rng.seed, rng.offset, static_cast<uint64_t>(bh * Lq + i),
                                               static_cast<uint64_t>((k0 + c) / 4));
 #pragma unroll
           for (int t = 0; t < 4; ++t) keep[t] = fb_dropout_keep(d.x[t], p.keep_threshold) ? p.rescale : 0.f;
@@ -294,12 +326,16 @@ __global__ void __launch_bounds__(NW * 32, 1) qf_fwd_kernel(const QfParams p) {
 }
 
 // ------------------------------------------------------------------------------------ backward
-template <typename T, int D>
-using BwdSmem = cuda_layout::BwdSmem<sizeof(T), D>;
+template <typename T, int D, bool DQ_SMEM>
+using BwdSmem = cuda_layout::BwdSmem<sizeof(T), D, DQ_SMEM>;
 
-template <typename T, int D, bool X3>
+// DQ_SMEM (Lq <= kDqSmemMaxLq): dQ of the (b, h) accumulates in shared memory; else in p.dq_work (fp32,
+// this block's rows only: no atomics). Either way the first key block stores its dQ (no zeroing pass)
+// and the block writes dQ once at the end, scaled, into p.dq (q's dtype and layout) or, for a query
+// batch broadcast over B, into p.dq_acc (fp32, summed over the batch by the host).
+template <typename T, int D, bool X3, bool DQ_SMEM>
 __global__ void __launch_bounds__(kBwdWarps * 32, 1) qf_bwd_kernel(const QfParams p) {
-  using S = BwdSmem<T, D>;
+  using S = BwdSmem<T, D, DQ_SMEM>;
   constexpr int LDT = S::LDT, LDQ = S::LDQ, LDQT = S::LDQT, LDO = S::LDO, NW = kBwdWarps;
   extern __shared__ __align__(128) unsigned char smem[];
   T* Ks = reinterpret_cast<T*>(smem + S::k);
@@ -313,9 +349,10 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1) qf_bwd_kernel(const QfParam
   float* delta_s = reinterpret_cast<float*>(smem + S::delta);
   float* St = reinterpret_cast<float*>(smem + S::st);
   float* dPt = reinterpret_cast<float*>(smem + S::dpt);
-  T* Pdt = reinterpret_cast<T*>(smem + S::pdt);
-  T* dSt = reinterpret_cast<T*>(smem + S::dst);
-  float* kadd = reinterpret_cast<float*>(smem + S::kadd);
+  T* Pdt = reinterpret_cast<T*>(smem + S::st);   // over S^T (layout header): written as S^T is consumed
+  T* dSt = reinterpret_cast<T*>(smem + S::dpt);  // over dP^T
+  float* kvis = reinterpret_cast<float*>(smem + S::kvis);
+  float* dQs = reinterpret_cast<float*>(smem + S::dq);  // DQ_SMEM only
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, nthreads = NW * 32;
   const int64_t bh = blockIdx.x;
@@ -323,12 +360,15 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1) qf_bwd_kernel(const QfParam
   const int Lq = static_cast<int>(p.Lq), Lk = static_cast<int>(p.Lk);
   const int LqP = (Lq + kBMQ - 1) / kBMQ * kBMQ;
   const bool dropout = p.dropout_p > 0.f;  // scores and stats in natural units, as the forward
+  const Rng rng = dropout ? dropout_rng(p) : Rng{0, 0};
   const T* qg = static_cast<const T*>(p.q) + b * p.sq.b + h * p.sq.h;
   const T* dog = static_cast<const T*>(p.dout) + b * p.sdo.b + h * p.sdo.h;
   const T* og = static_cast<const T*>(p.out) + bh * p.Lq * D;
   const T* kg = static_cast<const T*>(p.k) + b * p.sk.b + h * p.sk.h;
   const T* vg = static_cast<const T*>(p.v) + b * p.sv.b + h * p.sv.h;
-  float* dqa = p.dq_acc + bh * static_cast<int64_t>(LqP) * D;  // this block's dQ (fp32, LqP x D), zeroed
+  // this block's dQ accumulator: shared memory (LDO) or its rows of the global scratch (D)
+  float* dqa = DQ_SMEM ? dQs : p.dq_work + bh * static_cast<int64_t>(LqP) * D;
+  constexpr int LDDQ = DQ_SMEM ? LDO : D;
   float* delta = p.delta + bh * p.Lq;
 
   // delta_i = sum_d dO_id O_id, one warp per row
@@ -341,22 +381,19 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1) qf_bwd_kernel(const QfParam
     if (lane == 0) delta[i] = acc;
   }
 
-  const int k0w = 16 * warp;  // this warp's keys within the key block
+  const int k0w = 16 * warp;  // this warp's keys within the key block (kBwdWarps * 16 == kBN)
   for (int k0 = 0; k0 < Lk; k0 += kBN) {
-    __syncthreads();  // previous key block done (staging / K / V / delta writes)
-    const int valid = min(kBN, Lk - k0);
-    load_tile<T, D, LDT>(Ks, kg + k0 * p.sk.l, p.sk.l, kBN, valid, tid, nthreads);
-    load_tile<T, D, LDT>(Vs, vg + k0 * p.sv.l, p.sv.l, kBN, valid, tid, nthreads);
-    for (int c = tid; c < kBN; c += nthreads) {
-      const int j = k0 + c;
-      bool vis = j < Lk;
-      if (vis && p.key_mask) vis = p.key_mask[b * p.km_b + j * p.km_k];
-      kadd[c] = vis ? 0.f : -INFINITY;
-    }
+    __syncthreads();  // previous key block done (staging / K / V / visibility / delta writes)
+    key_visibility(p, b, k0, Lk, kvis, tid, nthreads);
     for (int idx = tid; idx < kBN * LDO; idx += nthreads) {
       dKs[idx] = 0.f;
       dVs[idx] = 0.f;
     }
+    __syncthreads();
+    // Masked keys' K / V rows are zeros (never read), their scores -inf, their dS / Pd exactly 0.
+    const int valid = min(kBN, Lk - k0);
+    load_tile<T, D, LDT>(Ks, kg + k0 * p.sk.l, p.sk.l, kBN, valid, tid, nthreads, kvis);
+    load_tile<T, D, LDT>(Vs, vg + k0 * p.sv.l, p.sv.l, kBN, valid, tid, nthreads, kvis);
     for (int q0 = 0; q0 < Lq; q0 += kBMQ) {
       __syncthreads();  // previous query tile done with Q / dO / dS^T
       const int qvalid = min(kBMQ, Lq - q0);
@@ -383,17 +420,20 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1) qf_bwd_kernel(const QfParam
       }
       __syncwarp();
 
-      // elementwise: lane = (4-key group g, query c); one Philox draw per (query, 4 keys)
+      // elementwise: lane = (4-key group g, query c); one Philox draw per (query, 4 keys). Pd^T / dS^T
+      // overlay S^T / dP^T: writing query column c of a key row overwrites S^T's column c * sizeof(T) / 4
+      // <= c of that row, which this step or an earlier one has read; the __syncwarp between the reads
+      // and the writes of each step orders every lane's reads before any lane's writes.
       {
         const int g = lane & 3;
+        const int kl = k0w + 4 * g;  // first key (local) of this lane's group
 #pragma unroll 1
         for (int it = 0; it < kBMQ / 8; ++it) {
           const int c = (lane >> 2) + 8 * it, i = q0 + c;
-          const int kl = k0w + 4 * g;  // first key (local) of this lane's group
           float keep[4] = {1.f, 1.f, 1.f, 1.f};
           if (dropout) {
             if (i < Lq) {
-              const PhiloxOut d = fb_dropout_draw(p.seed, p.offset, static_cast<uint64_t>(bh * Lq + i),
+              const PhiloxOut d = fb_dropout_draw(rng.seed, rng.offset, static_cast<uint64_t>(bh * Lq + i),
                                                   static_cast<uint64_t>((k0 + kl) / 4));
 #pragma unroll
               for (int t = 0; t < 4; ++t) keep[t] = fb_dropout_keep(d.x[t], p.keep_threshold) ? p.rescale : 0.f;
@@ -401,16 +441,26 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1) qf_bwd_kernel(const QfParam
               keep[0] = keep[1] = keep[2] = keep[3] = 0.f;
             }
           }
+          float s[4], dp[4];
+#pragma unroll
+          for (int t = 0; t < 4; ++t) {
+            s[t] = St[(kl + t) * LDQ + c];
+            dp[t] = dPt[(kl + t) * LDQ + c];
+          }
+          __syncwarp();
 #pragma unroll
           for (int t = 0; t < 4; ++t) {
             const int kr = kl + t, j = k0 + kr;
-            float s = St[kr * LDQ + c] * p.scale + kadd[kr];
-            if (p.bias && i < Lq && j < Lk) s += p.bias[b * p.bs_b + h * p.bs_h + i * p.bs_q + j * p.bs_k];
-            const float pr = exp2f(((s - m_s[c]) - logl_s[c]) * kLog2e);
-            const float pd = pr * keep[t];
-            const float dp = dPt[kr * LDQ + c] * keep[t];
+            float pd = 0.f, ds = 0.f;
+            if (kvis[kr] != 0.f) {
+              float sc = s[t] * p.scale;
+              if (p.bias && i < Lq) sc += p.bias[b * p.bs_b + h * p.bs_h + i * p.bs_q + j * p.bs_k];
+              const float pr = exp2f(((sc - m_s[c]) - logl_s[c]) * kLog2e);
+              pd = pr * keep[t];
+              ds = pr * (dp[t] * keep[t] - delta_s[c]);
+            }
             Pdt[kr * LDQT + c] = Elem<T>::from_f(pd);
-            dSt[kr * LDQT + c] = Elem<T>::from_f(pr * (dp - delta_s[c]));
+            dSt[kr * LDQT + c] = Elem<T>::from_f(ds);
           }
         }
       }
@@ -427,14 +477,18 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1) qf_bwd_kernel(const QfParam
         mma_tile<T, X3, wmma::row_major, wmma::row_major, kBMQ>(acc, dSt + k0w * LDQT, LDQT, Qs + n * 16, LDT);
         wmma::store_matrix_sync(dKs + k0w * LDO + n * 16, acc, LDO, wmma::mem_row_major);
       }
-      // dQ[q0:q0+BMQ] += dS K_blk: (BMQ/16) x (D/16) output fragments shared among the warps
+      // dQ[q0:q0+BMQ] (+)= dS K_blk: (BMQ/16) x (D/16) output fragments shared among the warps; the first
+      // key block stores (every row < LqP is written there), later ones accumulate
       for (int f = warp; f < (kBMQ / 16) * (D / 16); f += NW) {
         const int mq = f / (D / 16), nd = f % (D / 16);
-        float* dst = dqa + static_cast<int64_t>(q0 + 16 * mq) * D + 16 * nd;
+        float* dst = dqa + static_cast<int64_t>(q0 + 16 * mq) * LDDQ + 16 * nd;
         Acc<T> acc;
-        wmma::load_matrix_sync(acc, dst, D, wmma::mem_row_major);
+        if (k0 == 0)
+          wmma::fill_fragment(acc, 0.f);
+        else
+          wmma::load_matrix_sync(acc, dst, LDDQ, wmma::mem_row_major);
         mma_tile<T, X3, wmma::col_major, wmma::row_major, kBN>(acc, dSt + 16 * mq, LDQT, Ks + 16 * nd, LDT);
-        wmma::store_matrix_sync(dst, acc, D, wmma::mem_row_major);
+        wmma::store_matrix_sync(dst, acc, LDDQ, wmma::mem_row_major);
       }
     }
     __syncthreads();  // dK / dV final (and zeroed by all threads when there was no query tile)
@@ -448,6 +502,17 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1) qf_bwd_kernel(const QfParam
       }
     }
   }
+  __syncthreads();  // every warp's dQ fragments are final
+  if (p.dq_acc) {  // a query batch broadcast over B: fp32 per (b, h), summed by the host
+    float* dst = p.dq_acc + bh * p.Lq * D;
+    for (int idx = tid; idx < Lq * D; idx += nthreads) dst[idx] = dqa[(idx / D) * LDDQ + idx % D] * p.scale;
+  } else {
+    T* dqg = static_cast<T*>(p.dq) + b * p.sdq.b + h * p.sdq.h;  // q's layout (grad_like)
+    for (int idx = tid; idx < Lq * D; idx += nthreads) {
+      const int i = idx / D, c = idx % D;
+      dqg[i * p.sdq.l + c] = Elem<T>::from_f(dqa[i * LDDQ + c] * p.scale);
+    }
+  }
 }
 
 // ----------------------------------------------------------------------------------- dropout mask
@@ -456,7 +521,8 @@ __global__ void qf_keep_kernel(const QfParams p, bool* keep) {
   const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (idx >= p.B * p.H * p.Lq * groups) return;
   const int64_t row = idx / groups, g = idx % groups;
-  const PhiloxOut d = fb_dropout_draw(p.seed, p.offset, static_cast<uint64_t>(row), static_cast<uint64_t>(g));
+  const Rng rng = dropout_rng(p);
+  const PhiloxOut d = fb_dropout_draw(rng.seed, rng.offset, static_cast<uint64_t>(row), static_cast<uint64_t>(g));
   for (int t = 0; t < 4 && 4 * g + t < p.Lk; ++t) keep[row * p.Lk + 4 * g + t] = fb_dropout_keep(d.x[t], p.keep_threshold);
 }
 
@@ -472,19 +538,60 @@ cudaStream_t current_stream(int device) {
   return static_cast<cudaStream_t>(impl.getStream(c10::Device(c10::DeviceType::CUDA, device)).native_handle());
 }
 
-int max_optin_smem(int device) {
+// Per-device caches (read once per process and device, not per launch). 0 = not known yet.
+constexpr int kMaxDevices = 256;
+using DeviceCache = std::array<std::atomic<int>, kMaxDevices>;
+
+template <cudaDeviceAttr A>
+int device_attribute(int device) {
+  static DeviceCache cache{};  // value + 1 (an attribute may be 0)
+  if (device >= 0 && device < kMaxDevices) {
+    const int v = cache[device].load(std::memory_order_relaxed);
+    if (v != 0) return v - 1;
+  }
   int v = 0;
-  FB_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  FB_CUDA_CHECK(cudaDeviceGetAttribute(&v, A, device));
+  if (device >= 0 && device < kMaxDevices) cache[device].store(v + 1, std::memory_order_relaxed);
   return v;
 }
 
-template <typename Kernel>
-void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, const QfParams& p, int device) {
+int max_optin_smem(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }
+
+// Allows Kernel `smem` bytes of dynamic shared memory on `device`: cudaFuncSetAttribute once per kernel
+// instance and device (a static cache per instance), not per launch.
+template <auto Kernel>
+void allow_smem(size_t smem, int device) {
   TORCH_CHECK(static_cast<int>(smem) <= max_optin_smem(device), "fastbridge::qformer_attn (CUDA): needs ",
               smem, " bytes of shared memory per block, the device allows ", max_optin_smem(device),
               " (fastbridge.ops.qformer_cross_attention checks this first and runs the reference instead)");
-  FB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  kernel<<<grid, block, smem, current_stream(device)>>>(p);
+  static DeviceCache allowed{};
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached && allowed[device].load(std::memory_order_relaxed) >= static_cast<int>(smem)) return;
+  FB_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  if (cached) allowed[device].store(static_cast<int>(smem), std::memory_order_relaxed);
+}
+
+// Resident blocks per SM of Kernel with `threads` threads and `smem` bytes (registers and shared memory
+// both count), cached per kernel instance and device.
+template <auto Kernel>
+int occupancy(int threads, size_t smem, int device) {
+  static DeviceCache cache{};  // blocks + 1
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached) {
+    const int v = cache[device].load(std::memory_order_relaxed);
+    if (v != 0) return v - 1;
+  }
+  allow_smem<Kernel>(smem, device);
+  int blocks = 0;
+  FB_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, Kernel, threads, smem));
+  if (cached) cache[device].store(blocks + 1, std::memory_order_relaxed);
+  return blocks;
+}
+
+template <auto Kernel>
+void launch(dim3 grid, dim3 block, size_t smem, const QfParams& p, int device) {
+  allow_smem<Kernel>(smem, device);
+  Kernel<<<grid, block, smem, current_stream(device)>>>(p);
   FB_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -496,17 +603,34 @@ void run_fwd(const QfParams& p, int device) {
   using S2 = FwdSmem<T, D, cuda_layout::kFwdWarpsSmall>;
   using S4 = FwdSmem<T, D, cuda_layout::kFwdWarpsLarge>;
   if (p.Lq > S2::BM && static_cast<int>(S4::total) <= max_optin_smem(device)) {
-    launch(qf_fwd_kernel<T, D, cuda_layout::kFwdWarpsLarge, X3>, dim3(p.B * p.H, (p.Lq + S4::BM - 1) / S4::BM),
-           dim3(32 * cuda_layout::kFwdWarpsLarge), S4::total, p, device);
+    launch<qf_fwd_kernel<T, D, cuda_layout::kFwdWarpsLarge, X3>>(
+        dim3(p.B * p.H, (p.Lq + S4::BM - 1) / S4::BM), dim3(32 * cuda_layout::kFwdWarpsLarge), S4::total, p, device);
   } else {
-    launch(qf_fwd_kernel<T, D, cuda_layout::kFwdWarpsSmall, X3>, dim3(p.B * p.H, (p.Lq + S2::BM - 1) / S2::BM),
-           dim3(32 * cuda_layout::kFwdWarpsSmall), S2::total, p, device);
+    launch<qf_fwd_kernel<T, D, cuda_layout::kFwdWarpsSmall, X3>>(
+        dim3(p.B * p.H, (p.Lq + S2::BM - 1) / S2::BM), dim3(32 * cuda_layout::kFwdWarpsSmall), S2::total, p, device);
   }
 }
 
+// The backward keeps dQ in shared memory when Lq <= kDqSmemMaxLq, the larger layout fits the device
+// (bf16 / fp16 at D = 128 does not fit an A100's 163 KB) and it costs no resident block per SM (by the
+// occupancy API: e.g. bf16 D = 64 on an A100, 2 blocks of the global-dQ layout per SM but 1 of the
+// shared one); else dQ accumulates in an fp32 scratch buffer allocated here.
 template <typename T, int D, bool X3>
 void run_bwd(const QfParams& p, int device) {
-  launch(qf_bwd_kernel<T, D, X3>, dim3(p.B * p.H), dim3(kBwdWarps * 32), BwdSmem<T, D>::total, p, device);
+  using SS = BwdSmem<T, D, true>;
+  using SG = BwdSmem<T, D, false>;
+  constexpr auto kSmemDq = qf_bwd_kernel<T, D, X3, true>;
+  constexpr auto kGlobalDq = qf_bwd_kernel<T, D, X3, false>;
+  const dim3 grid(p.B * p.H), block(kBwdWarps * 32);
+  if (p.Lq <= cuda_layout::kDqSmemMaxLq && static_cast<int>(SS::total) <= max_optin_smem(device) &&
+      occupancy<kSmemDq>(block.x, SS::total, device) >= occupancy<kGlobalDq>(block.x, SG::total, device))
+    return launch<kSmemDq>(grid, block, SS::total, p, device);
+  QfParams pg = p;
+  const int64_t LqP = (p.Lq + kBMQ - 1) / kBMQ * kBMQ;
+  const at::Tensor work = at::empty({p.B, p.H, LqP, D}, at::TensorOptions().dtype(at::kFloat).device(
+                                                            c10::Device(c10::DeviceType::CUDA, device)));
+  pg.dq_work = work.data_ptr<float>();  // no zeroing: the kernel's first key block stores
+  launch<kGlobalDq>(grid, block, SG::total, pg, device);
 }
 
 template <typename T, bool X3, bool BWD>
@@ -555,11 +679,22 @@ at::Tensor vec_aligned(const at::Tensor& t) {
 
 void check_cuda_inputs(const at::Tensor& q, const at::Tensor& k) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda(), "fastbridge::qformer_attn (CUDA): q, k, v must be CUDA tensors");
-  int major = 0, minor = 0;
-  FB_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
-  FB_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
+  const int major = device_attribute<cudaDevAttrComputeCapabilityMajor>(q.get_device());
   TORCH_CHECK(major >= 8, "fastbridge::qformer_attn (CUDA): needs compute capability >= 8.0, ", q.device(), " has ",
-              major, ".", minor);
+              major, ".", device_attribute<cudaDevAttrComputeCapabilityMinor>(q.get_device()));
+}
+
+// A host rng = [seed, offset] is read into the kernel arguments: a CUDA graph captured around the launch
+// would replay that one dropout mask forever. Refused under stream capture (the Python op draws rng on
+// q's device from the CUDA generator, which the kernels read on the device: graph safe).
+void check_rng_capturable(const std::optional<at::Tensor>& rng, double dropout_p, int device, const char* op) {
+  if (dropout_p <= 0.0 || !rng.has_value() || !rng->defined() || !rng->device().is_cpu()) return;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  FB_CUDA_CHECK(cudaStreamIsCapturing(current_stream(device), &status));
+  TORCH_CHECK(status == cudaStreamCaptureStatusNone, "fastbridge::", op,
+              " (CUDA): dropout with a CPU rng tensor under CUDA graph capture would replay one dropout mask "
+              "forever; pass rng on the device (fastbridge.ops.qformer_cross_attention draws it there from the "
+              "CUDA generator, graph safe)");
 }
 
 std::tuple<at::Tensor, at::Tensor> qformer_attn_fwd_cuda(const at::Tensor& q_, const at::Tensor& k_,
@@ -570,6 +705,7 @@ std::tuple<at::Tensor, at::Tensor> qformer_attn_fwd_cuda(const at::Tensor& q_, c
                                                          bool allow_tf32) {
   check_cuda_inputs(q_, k_);
   const c10::DeviceGuard guard(q_.device());
+  check_rng_capturable(rng, dropout_p, q_.get_device(), "qformer_attn_fwd");
   const at::Tensor q = vec_aligned(q_), k = vec_aligned(k_), v = vec_aligned(v_);
   QfParams p;
   QfInputs in = prepare(p, q, k, v, key_mask, bias, scale, dropout_p, rng);
@@ -589,6 +725,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qformer_attn_bwd_cuda(
     bool allow_tf32) {
   check_cuda_inputs(q_, k_);
   const c10::DeviceGuard guard(q_.device());
+  check_rng_capturable(rng, dropout_p, q_.get_device(), "qformer_attn_bwd");
   const at::Tensor q = vec_aligned(q_), k = vec_aligned(k_), v = vec_aligned(v_);
   QfParams p;
   QfInputs in = prepare(p, q, k, v, key_mask, bias, scale, dropout_p, rng);
@@ -608,30 +745,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qformer_attn_bwd_cuda(
   p.sdo = strides3(dout);
   p.out = const_cast<void*>(out_c.data_ptr());
   p.stats = const_cast<float*>(stats_c.data_ptr<float>());
-  const int64_t LqP = (p.Lq + kBMQ - 1) / kBMQ * kBMQ;
-  at::Tensor dq_acc = at::zeros({p.B, p.H, LqP, p.D}, q.options().dtype(at::kFloat));
+  // dQ: written once by the kernel, scaled -- into dq (q's dtype and layout), or for a query batch
+  // broadcast over B into an fp32 (B, H, Lq, D) buffer summed here (the CPU kernel's convention).
+  const bool q_broadcast = q_.size(0) != p.B;
+  at::Tensor dq = grad_like(q_);
+  at::Tensor dq_acc;
+  if (q_broadcast) {
+    dq_acc = at::empty({p.B, p.H, p.Lq, p.D}, q.options().dtype(at::kFloat));
+    p.dq_acc = dq_acc.data_ptr<float>();
+  } else {
+    p.dq = dq.data_ptr();
+    p.sdq = strides3(dq);
+  }
   at::Tensor delta = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
   at::Tensor dk = grad_like(k_);
   at::Tensor dv = grad_like(v_);
-  p.dq_acc = dq_acc.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
   p.dk = dk.data_ptr();
   p.sdk = strides3(dk);
   p.dv = dv.data_ptr();
   p.sdv = strides3(dv);
   if (p.B * p.H > 0) dispatch<true>(p, q.get_device());
-  at::Tensor dq_full = dq_acc.narrow(2, 0, p.Lq).mul_(scale);
-  at::Tensor dq = grad_like(q_);
-  if (q_.size(0) != p.B)
-    dq.copy_(dq_full.sum(0, /*keepdim=*/true));
-  else
-    dq.copy_(dq_full);
+  if (q_broadcast) dq.copy_(dq_acc.sum(0, /*keepdim=*/true));
   return {dq, dk, dv};
 }
 
 at::Tensor qformer_dropout_keep_cuda(const at::Tensor& like, const at::Tensor& rng, int64_t Lk, double dropout_p) {
-  const QfParams p = dropout_keep_params(like, rng, Lk, dropout_p);
+  const at::Tensor r = rng.contiguous();
+  const QfParams p = dropout_keep_params(like, r, Lk, dropout_p);
   const c10::DeviceGuard guard(like.device());
+  check_rng_capturable(r, dropout_p, like.get_device(), "qformer_dropout_keep");
   at::Tensor keep = at::empty({p.B, p.H, p.Lq, Lk}, like.options().dtype(at::kBool));
   const int64_t n = p.B * p.H * p.Lq * ((Lk + 3) / 4);
   if (n > 0) {

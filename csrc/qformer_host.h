@@ -60,8 +60,20 @@ inline at::Tensor grad_like(const at::Tensor& t) {
 }
 
 struct QfInputs {
-  at::Tensor q, k, v, key_mask, bias;  // key_mask / bias undefined when absent
+  at::Tensor q, k, v, key_mask, bias, rng;  // key_mask / bias / rng undefined when absent
 };
+
+// Dropout seed / offset from a contiguous int64 rng = [seed, offset]: read here from a CPU tensor, or
+// left on the device for the kernels to read (rng_dev: the values a CUDA graph replay draws anew).
+inline void set_rng(QfParams& p, const at::Tensor& r) {
+  if (r.device().is_cpu()) {
+    p.seed = static_cast<uint64_t>(r.data_ptr<int64_t>()[0]);
+    p.offset = static_cast<uint64_t>(r.data_ptr<int64_t>()[1]);
+    p.rng_dev = nullptr;
+  } else {
+    p.rng_dev = r.data_ptr<int64_t>();
+  }
+}
 
 // Checks shapes / dtypes / devices and fills the input part of `p`; returns the tensors kept alive.
 inline QfInputs prepare(QfParams& p, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
@@ -126,13 +138,12 @@ inline QfInputs prepare(QfParams& p, const at::Tensor& q_, const at::Tensor& k_,
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "fastbridge::qformer_attn: dropout_p must be in [0, 1)");
   p.dropout_p = static_cast<float>(dropout_p);
   if (dropout_p > 0.0) {
-    TORCH_CHECK(rng.has_value() && rng->defined() && rng->device().is_cpu() &&
-                    rng->scalar_type() == at::kLong && rng->numel() >= 2,
-                "fastbridge::qformer_attn: dropout needs rng, an int64 CPU tensor [seed, offset]");
-    const at::Tensor r = rng->contiguous();
-    const int64_t* rv = r.data_ptr<int64_t>();
-    p.seed = static_cast<uint64_t>(rv[0]);
-    p.offset = static_cast<uint64_t>(rv[1]);
+    TORCH_CHECK(rng.has_value() && rng->defined() && rng->scalar_type() == at::kLong && rng->numel() >= 2 &&
+                    (rng->device().is_cpu() || rng->device() == q_.device()),
+                "fastbridge::qformer_attn: dropout needs rng, an int64 tensor [seed, offset] on the CPU or on q's "
+                "device");
+    in.rng = rng->contiguous();
+    set_rng(p, in.rng);
     p.keep_threshold = static_cast<uint32_t>(std::ceil((1.0 - dropout_p) * 16777216.0));
     p.rescale = static_cast<float>(1.0 / (1.0 - dropout_p));
   }
@@ -141,6 +152,7 @@ inline QfInputs prepare(QfParams& p, const at::Tensor& q_, const at::Tensor& k_,
 
 // Parameters of fastbridge::qformer_dropout_keep (the debug op returning the dropout mask of an
 // out-shaped `like` for rng = [seed, offset]); shared by the CPU and CUDA implementations.
+// `rng` must be contiguous and outlive the launch.
 inline QfParams dropout_keep_params(const at::Tensor& like, const at::Tensor& rng, int64_t Lk, double dropout_p) {
   TORCH_CHECK(like.dim() == 4, "fastbridge::qformer_dropout_keep: like must be (B, H, Lq, D)");
   TORCH_CHECK(dropout_p > 0.0 && dropout_p < 1.0, "fastbridge::qformer_dropout_keep: dropout_p must be in (0, 1)");
@@ -150,11 +162,9 @@ inline QfParams dropout_keep_params(const at::Tensor& like, const at::Tensor& rn
   p.H = like.size(1);
   p.Lq = like.size(2);
   p.Lk = Lk;
-  const at::Tensor r = rng.contiguous();
-  TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == at::kLong && r.numel() >= 2,
-              "fastbridge::qformer_dropout_keep: rng must be an int64 CPU tensor [seed, offset]");
-  p.seed = static_cast<uint64_t>(r.data_ptr<int64_t>()[0]);
-  p.offset = static_cast<uint64_t>(r.data_ptr<int64_t>()[1]);
+  TORCH_CHECK(rng.scalar_type() == at::kLong && rng.numel() >= 2 && (rng.device().is_cpu() || rng.device() == like.device()),
+              "fastbridge::qformer_dropout_keep: rng must be an int64 tensor [seed, offset] on the CPU or on like's device");
+  set_rng(p, rng);  // rng contiguous (the caller keeps it alive)
   p.keep_threshold = static_cast<uint32_t>(std::ceil((1.0 - dropout_p) * 16777216.0));
   return p;
 }

@@ -35,11 +35,14 @@ struct QfParams {
   const float* bias;  // nullptr = none
   int64_t bs_b, bs_h, bs_q, bs_k;
   float scale;
-  // dropout (p > 0): Philox seed / offset (philox.h), keep threshold, 1 / (1 - p)
+  // dropout (p > 0): Philox seed / offset (philox.h), keep threshold, 1 / (1 - p). The seed / offset
+  // come from a host rng tensor (read into seed / offset by the host), or from a device rng tensor
+  // (rng_dev = [seed, offset] on the kernel's device, read by the kernels: CUDA-graph safe).
   float dropout_p;
   uint32_t keep_threshold;
   float rescale;
   uint64_t seed, offset;
+  const int64_t* rng_dev;  // nullptr: seed / offset above
   // forward outputs / backward inputs
   void* out;  // (B, H, Lq, D) contiguous
   float* stats;  // (B, H, Lq, 2): m, log l
@@ -48,7 +51,8 @@ struct QfParams {
   QfStrides sdo;
   void* dq;        // (B, H, Lq, D) with strides sdq, dtype; or nullptr when dq_acc is used
   QfStrides sdq;
-  float* dq_acc;   // float32 (B, H, Lq, D) contiguous per-batch dq (query broadcast: summed by the caller)
+  float* dq_acc;   // float32 (B, H, Lq, D) contiguous per-batch dq, scaled (query broadcast: summed by the caller)
+  float* dq_work;  // CUDA backward with dQ in global memory: float32 (B, H, ceil(Lq / 32) * 32, D) scratch
   void* dk;        // (B, H, Lk, D) with strides sdk (the gradients follow the inputs' layouts)
   QfStrides sdk;
   void* dv;

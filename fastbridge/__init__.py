@@ -2,6 +2,7 @@
 __version__ = "0.1.0"
 
 from ._backend import FastbridgeFallbackWarning, current_backend, use_backend
+from ._stats import reset_stats, stats
 from . import ops, reference
 from .checkpoint import load_trainable, save_trainable
 from .patch import Integration, patch, register_integration, unpatch
@@ -27,5 +28,5 @@ def remove_adapters(model, **kwargs):
 __all__ = [
     "__version__", "ops", "reference", "use_backend", "current_backend", "FastbridgeFallbackWarning",
     "patch", "unpatch", "register_integration", "Integration", "save_trainable", "load_trainable",
-    "add_adapters", "remove_adapters",
+    "add_adapters", "remove_adapters", "stats", "reset_stats",
 ]

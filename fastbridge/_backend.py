@@ -12,10 +12,26 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import sys
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def assume_constant(fn: _F) -> _F:
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` (about 1 s) at import.
+
+    That decorator imports torch._dynamo only to set the marker dynamo reads when it traces a call to
+    ``fn`` (tests/test_foundation.py checks that the official decorator sets exactly this marker). If
+    dynamo is loaded already, the official decorator is used.
+    """
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
 
 BACKENDS = ("auto", "kernel", "reference")
 
@@ -40,7 +56,7 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
-@torch.compiler.assume_constant_result
+@assume_constant
 def current_backend() -> str:
     """The backend name in force: use_backend() if active, else FASTBRIDGE_BACKEND, else "auto".
 
@@ -105,6 +121,19 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return f"no Triton kernel for device type {device.type!r}"
 
 
+def resolve(unavailable_reason: str | None) -> tuple[str, str | None]:
+    """What one call will run, without warning or raising: ("kernel", None) or ("reference", why).
+
+    A forced "kernel" backend answers "kernel" (the op raises BackendUnavailableError itself).
+    """
+    name = current_backend()
+    if name == "reference":
+        return "reference", "backend 'reference' selected"
+    if unavailable_reason is None or name == "kernel":
+        return "kernel", None
+    return "reference", unavailable_reason
+
+
 def select(op: str, device: torch.device, unavailable_reason: str | None) -> str:
     """Resolve the backend for one call of ``op``: returns "kernel" or "reference".
 
@@ -120,16 +149,97 @@ def select(op: str, device: torch.device, unavailable_reason: str | None) -> str
             f"fastbridge.ops.{op}: backend 'kernel' was requested but cannot run on {device}: "
             f"{unavailable_reason}. Use backend 'auto' or 'reference' (FASTBRIDGE_BACKEND / fastbridge.use_backend)."
         )
-    key = (op, unavailable_reason)
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(
-            f"fastbridge.ops.{op}: running the eager reference on {device.type} ({unavailable_reason}); "
-            "results are the same, only speed and memory differ. This message is shown once.",
-            FastbridgeFallbackWarning,
-            stacklevel=3,
-        )
+    warn_once((op, unavailable_reason),
+              f"fastbridge.ops.{op}: running the eager reference on {device.type} ({unavailable_reason}); "
+              "results are the same, only speed and memory differ. This message is shown once.")
     return "reference"
+
+
+def _package_dirs() -> tuple[str, ...]:
+    """Folders whose frames are not the user's: torch, fastbridge and the libraries fastbridge patches."""
+    dirs = []
+    for name in ("torch", "fastbridge", "transformers", "peft", "accelerate"):
+        mod = sys.modules.get(name)
+        path = getattr(mod, "__file__", None)
+        if path:
+            dirs.append(os.path.dirname(os.path.abspath(path)) + os.sep)
+    kernels = sys.modules.get("fastbridge.kernels")  # a link to the repository's kernels/ folder
+    for path in getattr(kernels, "__path__", []):
+        dirs += [os.path.abspath(path) + os.sep, os.path.realpath(path) + os.sep]
+    return tuple(dirs)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by this function's caller point at the user's code.
+
+    Walks out of the frames of torch (nn.Module.__call__ and friends), fastbridge and the libraries it
+    patches (transformers, PEFT, accelerate) to the first frame of other code; 2 (the caller's caller)
+    when there is none.
+    """
+    dirs = _package_dirs()
+    # frame 0: here; 1: the function calling warnings.warn (stacklevel 1); 2: its caller (stacklevel 2)
+    frame = sys._getframe(2)
+    level = 2
+    while frame is not None:
+        filename = os.path.abspath(frame.f_code.co_filename)
+        if not filename.startswith(dirs) and not filename.startswith("<frozen"):
+            return level
+        frame = frame.f_back
+        level += 1
+    return 2
+
+
+def warn_once(key, message: str, category: type[Warning] = FastbridgeFallbackWarning) -> bool:
+    """Issue ``message`` once per ``key`` (the one helper behind every fastbridge one-time warning).
+
+    The warning points at the user's call site (:func:`user_stacklevel`), not at torch/nn/modules/module.py.
+    Returns True when it was issued now. Skipped while torch.compile traces (the eager call warns).
+    """
+    if torch.compiler.is_compiling() or key in _warned:
+        return False
+    _warned.add(key)
+    warnings.warn(message, category, stacklevel=user_stacklevel())
+    return True
+
+
+def describe_triton(device: torch.device) -> str:
+    """What a fastbridge Triton op will run on ``device`` now, in words (for the patch report)."""
+    device = torch.device(device)
+    name = current_backend()
+    if name == "reference":
+        return f"reference on {device.type} (backend 'reference' selected)"
+    reason = triton_unavailable_reason(device)
+    if reason is None:
+        if device.type == "cpu":
+            return "kernel (Triton interpreter, cpu: TRITON_INTERPRET=1, slow, for testing)"
+        return f"kernel (Triton, {device.type})"
+    if name == "kernel":
+        return f"none: backend 'kernel' is forced but cannot run on {device.type} ({reason}); calls will raise"
+    if device.type == "cpu":
+        gpu = "no GPU" if not torch.cuda.is_available() else "the model is on the CPU"
+        return (f"reference on cpu ({gpu}; set TRITON_INTERPRET=1 to run the Triton kernels through the "
+                "interpreter, slowly)")
+    return f"reference on {device.type} ({reason})"
+
+
+def describe_extension(device: torch.device) -> str:
+    """What fastbridge's C++/CUDA attention op will run on ``device``, without building the extension."""
+    from . import _build
+
+    device = torch.device(device)
+    if current_backend() == "reference":
+        return f"reference on {device.type} (backend 'reference' selected)"
+    state = _build.describe()
+    if state.startswith("unavailable"):
+        return f"transformers' SDPA on {device.type} (the C++ extension is {state})"
+    if device.type == "cuda" and state.startswith("loaded") and not _build.has_cuda_kernels():
+        return "transformers' SDPA on cuda (the C++ extension was built without CUDA kernels)"
+    if device.type not in ("cpu", "cuda"):
+        return f"transformers' SDPA on {device.type} (no C++/CUDA kernel for this device type)"
+    where = "CUDA" if device.type == "cuda" else "C++"
+    built = "" if state.startswith(("loaded", "built", "prebuilt")) else \
+        f"; built on first use, about {_build._EST_S['cuda' if device.type == 'cuda' else 'cpu']} s"
+    return f"kernel ({where} extension, {device.type}{built})"
 
 
 def available_backends() -> dict[str, str]:

@@ -2,11 +2,45 @@
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 FORMAT = "fastbridge.trainable"
+# Tests only: a file path. Set, every atomic write creates that file once its temporary file is written and
+# then sleeps instead of finishing, so a test can kill the process in the middle of a checkpoint write.
+_TEST_PAUSE_ENV = "FASTBRIDGE_TEST_PAUSE_IN_WRITE"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write ``path`` atomically: ``write(tmp)`` writes a temporary file next to it, which then replaces
+    ``path`` in one ``os.replace``. A crash or kill at any moment leaves either the previous file or the
+    new one, never a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        marker = os.environ.get(_TEST_PAUSE_ENV)
+        if marker:
+            Path(marker).write_text(str(tmp))
+            time.sleep(3600)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -15,7 +49,10 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_trainable(model: nn.Module, path: str | os.PathLike) -> dict[str, int]:
-    """Write only the parameters with requires_grad to a safetensors file; returns {name: numel}."""
+    """Write only the parameters with requires_grad to a safetensors file; returns {name: numel}.
+
+    The write is atomic (a temporary file, then os.replace): an interrupted save leaves the previous file.
+    """
     from safetensors.torch import save_file
 
     from . import __version__
@@ -24,7 +61,7 @@ def save_trainable(model: nn.Module, path: str | os.PathLike) -> dict[str, int]:
     if not state:
         raise ValueError("fastbridge.save_trainable: 'model' has no parameter with requires_grad=True")
     tensors = {n: p.detach().to("cpu").contiguous().clone() for n, p in state.items()}
-    save_file(tensors, os.fspath(path), metadata={"format": FORMAT, "fastbridge": __version__})
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, "fastbridge": __version__}))
     return {n: t.numel() for n, t in tensors.items()}
 
 

@@ -64,20 +64,35 @@ def info_lines() -> list[str]:
     return lines
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong, where to look), exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastbridge", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser = _Parser(prog="fastbridge", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     sub.add_parser("info", help="versions, device, and which backends can run here")
     sub.add_parser("build", help="prebuild the C++/CUDA extension (otherwise built on first use)")
-    sub.add_parser("bench", help="run the benchmark suite (pytest benchmarks/ --benchmark-only), then print "
-                                 "the table and write plots; other arguments are passed to pytest")
+    from .bench import BENCH_DESCRIPTION, BENCH_EPILOG
+
+    sub.add_parser("bench", help="run the benchmark suite (pytest benchmarks/), print a table, write plots; "
+                                 "see fastbridge bench --help", description=BENCH_DESCRIPTION, epilog=BENCH_EPILOG,
+                   usage="fastbridge bench [pytest arguments: -k EXPR, --fb-quick, --fb-results-dir DIR, ...]",
+                   formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     from .train.cli import add_demo_arguments, add_train_arguments
 
     add_train_arguments(sub.add_parser("train", help="train one vision-language bridge (see --help)"))
     add_demo_arguments(sub.add_parser("demo", help="train and score bridges on synthetic data, before vs after"))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"] and any(a in ("-h", "--help") for a in argv[1:]):
+        sub.choices["bench"].print_help()
+        return 0
     args, extra = parser.parse_known_args(argv)
     if extra and args.cmd != "bench":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        sub.choices[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     if args.cmd == "info":
         print("\n".join(info_lines()))
         return 0
@@ -97,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd in ("train", "demo"):
         from .train import cli as train_cli
 
-        return train_cli.train_main(args) if args.cmd == "train" else train_cli.demo_main(args)
+        return train_cli.main(args, sub.choices[args.cmd])
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
 logger = logging.getLogger("fastbridge")
@@ -32,6 +33,9 @@ class Integration:
     # fastbridge's own modules are fused from construction, patched or not: unpatch switches them to eager
     # even where patch was never called (e.g. right after fastbridge.add_adapters).
     fused_by_default: bool = False
+    # What its calls will run on a device, in words ("kernel (Triton, cuda)", "reference on cpu (...)"),
+    # for the patch report; None: not reported.
+    backend: Callable[[torch.device], str] | None = None
 
 
 _REGISTRY: dict[str, Integration] = {}
@@ -52,6 +56,7 @@ def integrations() -> list[Integration]:
 class PatchReport:
     patched: dict[str, str] = field(default_factory=dict)   # module path -> integration name
     already: dict[str, str] = field(default_factory=dict)   # patched by an earlier call
+    backends: dict[str, str] = field(default_factory=dict)  # integration name -> what will run, in words
 
     @property
     def counts(self) -> Counter:
@@ -60,36 +65,56 @@ class PatchReport:
     def __str__(self) -> str:
         if not self.counts:
             return "fastbridge.patch: nothing to patch (no supported modules found)"
-        parts = ", ".join(f"{n} x{c}" for n, c in sorted(self.counts.items()))
-        new = len(self.patched)
-        return f"fastbridge.patch: {new} module(s) newly patched; fused now: {parts}"
+        lines = [f"fastbridge.patch: {len(self.patched)} module(s) newly patched, {len(self.already)} already; "
+                 "will run:"]
+        for name, n in sorted(self.counts.items()):
+            lines.append(f"  {name} x{n}: {self.backends.get(name, 'backend not reported')}")
+        lines.append("  (calls an integration cannot serve exactly run the library's own code; "
+                     "fastbridge.stats(model) counts what each call ran)")
+        return "\n".join(lines)
+
+
+def _device_of(module: nn.Module, default: torch.device) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return default
 
 
 def patch(model: nn.Module, *, verbose: bool = False, **options) -> nn.Module:
     """Patch every supported module of ``model`` in place; returns the same model (idempotent).
 
-    The report of what was patched is kept as ``model.fastbridge_report`` and logged (printed with
-    ``verbose=True``). Options are passed to each integration's patch function.
+    The report of what was patched, and which backend will run it on the model's device, is kept as
+    ``model.fastbridge_report`` and logged at INFO level on the "fastbridge" logger (printed instead with
+    ``verbose=True``). Options are passed to each integration's patch function. After running,
+    ``fastbridge.stats(model)`` says how many calls took the fused kernels, the reference or a fallback.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastbridge.patch: 'model' must be a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport()
     used: set[str] = set()
+    model_device = _device_of(model, torch.device("cpu"))
+    devices: dict[str, torch.device] = {}
     for path, module in model.named_modules():
         done = getattr(module, _ATTR, None)
         if done is not None:
             report.already[path] = done
+            devices.setdefault(done, _device_of(module, model_device))
             continue
         for integ in integrations():
             if integ.matches(module):
                 integ.patch(module, **options)
                 setattr(module, _ATTR, integ.name)
                 report.patched[path] = integ.name
+                devices.setdefault(integ.name, _device_of(module, model_device))
                 used.add(integ.name)
                 break
     for integ in integrations():
         if integ.name in used and integ.patch_model is not None:
             integ.patch_model(model, **options)
+    for name, device in devices.items():
+        integ = _REGISTRY.get(name)
+        if integ is not None and integ.backend is not None:
+            report.backends[name] = integ.backend(device)
     model.fastbridge_report = report
     (print if verbose else logger.info)(str(report))
     return model

@@ -64,7 +64,10 @@ def gate_values(gate: torch.Tensor, gate_fn: str, H: int, dtype: torch.dtype) ->
 
 
 def _masked_softmax(scores: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
-    """softmax over the last dim where rows with no visible (finite) score are exactly 0 (never NaN)."""
+    """softmax over the last dim where rows with no visible (finite) score are exactly 0 (never NaN); an
+    empty last dim (no keys at all) included."""
+    if scores.shape[-1] == 0:
+        return scores.clone()
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
@@ -80,7 +83,7 @@ def gated_attention(q, k, v, prefix_k, prefix_v, gate, *, causal=True, scale=Non
 
     q (B,H,Lq,D); k, v (B,Hkv,Lk,D); prefix_k/v (1 or B, Hkv, P, D); gate (), (1,) or (H,).
     Causal masking is bottom-right aligned (query i sees keys j <= i + Lk - Lq); prefix keys are always
-    visible. A query with no visible main key gets 0 from the main branch.
+    visible. A query with no visible main key (Lk = 0 included) gets 0 from the main branch.
     """
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -124,6 +127,10 @@ def qformer_cross_attention(q, k, v, *, attn_mask=None, scale=None, dropout_p=0.
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             visible = attn_mask.view(B, 1, 1, -1)
+            # masked keys influence nothing: NaN / inf in their k or v rows must not reach any row (0 * NaN)
+            hidden = ~attn_mask.view(B, 1, -1, 1)
+            kc, vc = kc.masked_fill(hidden, 0.0), vc.masked_fill(hidden, 0.0)
+            scores = qc @ kc.transpose(-1, -2) * s
         else:
             scores = scores + attn_mask.to(cdt)
     p = _masked_softmax(scores, visible)

@@ -19,6 +19,11 @@ SIGNATURES = {
                 **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som", "H",
                        "GROUP", "Lq", "D", "S", "SEG", "n_tiles"), qk_scale="fp32"),
     "tile_state": dict(VIS="*u8", STATE="*i8", **_i32("Lq", "S", "n_tiles")),
+    "fwd_split": dict(Q=_P, K=_P, V=_P, VIS="*u8", STATE="*i8", ACC_PART=_F, ML_PART=_F,
+                      **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "H", "GROUP", "Lq", "D",
+                             "S", "SEG", "blocks_per_seg", "blocks_per_split"), qk_scale="fp32"),
+    "fwd_combine": dict(G=_F, ACC_PART=_F, ML_PART=_F, OUT=_P, LSE=_F,
+                        **_i32("sob", "soh", "som", "H", "Lq", "D", "n_splits")),
     "pre": dict(OUT=_P, DO=_P, DELTA=_F, **_i32("sob", "soh", "som", "sdob", "sdoh", "sdom", "H", "Lq", "D")),
     "dkdv": dict(Q=_P, K=_P, V=_P, DO=_P, VIS="*u8", STATE="*i8", G=_F, LSE=_F, DELTA=_F, DK=_P, DV=_P,
                  **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sdob", "sdoh", "sdom",
@@ -48,6 +53,13 @@ def configs(arch: int = 90, elem_size: int = 2):
             c = dict(HAS_VIS=True, HAS_GATE=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC="ieee")
             yield ("gca_fwd", f"D={D} Lq={Lq} BM={bm} BN={bn} warps={warps}", K._gca_fwd_kernel, S["fwd"], c, warps,
                    stages)
+        bm, bn, warps, stages = K.fwd_config(D, 1, arch, elem_size)  # decode: split-K + combine
+        bn = K.key_block(bn, seg)
+        c = dict(HAS_VIS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC="ieee")
+        yield ("gca_fwd_split", f"D={D} BM={bm} BN={bn} warps={warps}", K._gca_fwd_split_kernel, S["fwd_split"], c,
+               warps, stages)
+        c = dict(HAS_GATE=True, BLOCK_M=bm, BLOCK_D=bd, DOT_PREC="ieee")
+        yield ("gca_fwd_combine", f"D={D} BM={bm} warps=4", K._gca_fwd_combine_kernel, S["fwd_combine"], c, 4, 1)
         bcfg = K.bwd_config(D, arch, elem_size)
         bm, _, warps, _ = bcfg["pre"]
         yield ("gca_bwd_pre", f"D={D} BM={bm} warps={warps}", K._gca_bwd_pre_kernel, S["pre"],

@@ -1,11 +1,15 @@
 """Helpers shared by the Triton launchers (no nn / autograd here)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
+import warnings
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 
 def poison_enabled() -> bool:
@@ -18,6 +22,57 @@ def empty(shape, dtype, device) -> torch.Tensor:
     if poison_enabled() and t.numel():
         t.fill_(float("nan"))
     return t
+
+
+def device_guard(device: torch.device):
+    """The context a kernel launch on ``device`` runs under: Triton launches on the *current* CUDA device and
+    its current stream, so tensors on another GPU (cuda:1 with device 0 current: HF device_map="auto",
+    pipeline splits) need it made current, as the C++ extension's device guard does. Nothing on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+# fp32 under "highest": 3xTF32 dots, unless a launcher's configuration does not fit them (below).
+_FP32_IEEE: contextvars.ContextVar[bool] = contextvars.ContextVar("fastbridge_fp32_ieee", default=False)
+_TF32X3_UNFIT: set = set()
+
+
+def launcher(fn):
+    """Decorator for a launcher (tensors in, kernels launched, tensors out; inputs never written):
+    - runs it under device_guard of its first tensor argument's device, so every kernel it launches (and the
+      current stream Triton takes) belongs to the tensors' GPU;
+    - fp32 with 3xTF32 dots (dot_precision under torch's "highest") splits each dot operand into two TF32
+      tiles, so a configuration chosen for fp32 can need more shared memory / registers than the GPU has.
+      When a launch raises Triton's OutOfResources for that reason, the launcher runs again with fp32 FMA
+      dots ("ieee": the same accuracy class, slower), for this (launcher, device, dtype, head / feature dim)
+      from then on, said once with a FastbridgeFallbackWarning. Any other OutOfResources propagates."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        key = (fn.__qualname__, str(first.device), first.dtype, first.shape[-1])
+        with device_guard(first.device):  # looked up at each call (tests/test_gated_attention.py replaces it)
+            if key not in _TF32X3_UNFIT:
+                try:
+                    return fn(*args, **kwargs)
+                except OutOfResources as e:
+                    if dot_precision(first.dtype) != "tf32x3":
+                        raise
+                    from fastbridge._backend import FastbridgeFallbackWarning
+
+                    _TF32X3_UNFIT.add(key)
+                    warnings.warn(f"fastbridge: {fn.__name__} with 3xTF32 fp32 dots ({e}); running it with fp32 "
+                                  f"FMA dots instead for fp32 inputs of last dim {first.shape[-1]} on "
+                                  f"{first.device} (same accuracy class, only speed differs). Shown once.",
+                                  FastbridgeFallbackWarning, stacklevel=2)
+            token = _FP32_IEEE.set(True)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _FP32_IEEE.reset(token)
+
+    return run
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,11 +136,29 @@ def device_arch(device: torch.device) -> int:
     return H100_ARCH
 
 
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether torch would run an fp32 CUDA matmul in TF32 now: torch.backends.cuda.matmul.fp32_precision
+    ("tf32" / "ieee"; it inherits torch.backends.fp32_precision), or where that is "none" the legacy
+    torch.get_float32_matmul_precision() ("high" / "medium": TF32; "highest", the default: not)."""
+    new_api = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if new_api in ("tf32", "ieee"):
+        return new_api == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow torch's matmul precision setting (TF32 only where torch would use it)."""
+    """input_precision of the kernels' tl.dot: fp16 / bf16 inputs "ieee" (tensor cores, fp32 accumulation).
+    fp32 inputs follow torch's matmul precision: "tf32" where torch would use TF32 ("high"), otherwise
+    (the default "highest") "tf32x3" -- three TF32 products per dot with a split of each operand into a
+    TF32 head and tail, fp32-level accuracy (relative error ~1e-6 against float64, like ieee FMA) on tensor
+    cores, where "ieee" would run the dots as FMA on the CUDA cores ("ieee" inside a launcher whose
+    configuration does not fit 3xTF32: see ``launcher``). The Triton interpreter computes every precision
+    as an fp32 numpy matmul: the TF32 rounding is only visible on a GPU."""
     if dtype != torch.float32:
         return "ieee"
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if fp32_matmul_allows_tf32():
+        return "tf32"
+    return "ieee" if _FP32_IEEE.get() else "tf32x3"
 
 
 def pow2_at_least(n: int, lo: int = 16) -> int:

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import launcher
 from ._common import (H100_ARCH, device_arch, dot_precision, empty, pow2_at_least, pre_hopper, sm_count,
                       small_smem)
 
@@ -370,6 +371,7 @@ def _contig(*ts):
     return [t.contiguous() if t is not None else None for t in ts]
 
 
+@launcher
 def adapter_forward(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, s, residual):
     """x, residual: (N, d) with unit last stride; returns (y, z, mean, rstd)."""
     assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1)
@@ -403,6 +405,7 @@ def adapter_forward(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, acti
     return y, z, mean, rstd
 
 
+@launcher
 def adapter_backward(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, scale, s, z, mean, rstd,
                      has_residual):
     """Returns dx, dw_down, db_down, dw_up, db_up, dln_w, dln_b, ds_sum (= Σ dy·u, fp32 0-d)."""

@@ -15,9 +15,10 @@ programs): the main keys are split across programs (split kernel, unnormalised p
 combine kernel merges them by log-sum-exp rescaling and adds the gated prefix branch.
 
 Backward, FlashAttention-2 style recomputation from the saved statistics:
-  pre    per (row chunk, b·h): o_p recomputed (P is tiny), o_m = out - g·o_p, Δm = rowsum(dO·o_m),
-         Δp = g·rowsum(dO·o_p); partial dg = Σ rowsum(dO·o_p); partial d prefix_k / d prefix_v over
-         the chunk's rows (summed over chunks, GQA groups and -- for a shared prompt -- the batch).
+  pre    per (row chunk, b·h, prompt tile of <= 64 keys): o_p recomputed (P is small; over every
+         prompt tile), o_m = out - g·o_p, Δm = rowsum(dO·o_m), Δp = g·rowsum(dO·o_p); partial
+         dg = Σ rowsum(dO·o_p); partial d prefix_k / d prefix_v of the tile's prompt keys over the chunk's
+         rows (summed over chunks, GQA groups and -- for a shared prompt -- the batch).
   dkdv   per (key tile, b·hkv): loops over the group's query heads and the query tiles that can see
          the tile; dk, dv accumulated in registers (no atomics).
   dq     per (query tile, b·h): main keys, then the prefix branch.
@@ -36,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import launcher
 from ._common import (H100_ARCH, device_arch, dot_precision, empty, pow2_at_least, pre_hopper, sm_count,
                       small_smem, smem_per_block)
 
@@ -276,21 +278,26 @@ def _gated_attn_bwd_pre_kernel(
     H, Lq, P, D, rows_per_prog, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, GROUP: tl.constexpr,
 ):
+    # Program (row chunk, b·h, prompt tile): the Δ's and dg need o_p over the whole prompt (every prompt
+    # tile: recomputed here when P > BLOCK_P), the prompt-key / value gradients only this
+    # program's prompt tile. Δ's and dg are written by the programs of prompt tile 0.
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_p = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
     b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_p = tl.arange(0, BLOCK_P)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_d = offs_d < D
     mask_p = offs_p < P
     dtype = Q.dtype.element_ty
     g = tl.load(G + h).to(tl.float32)
     pk_base = PK + b64 * spkb + hk64 * spkh
-    pv = tl.load(PV + b64 * spvb + hk64 * spvh + offs_p[:, None] * spvn + offs_d[None, :],
-                 mask=mask_p[:, None] & mask_d[None, :], other=0.0)
+    pv_base = PV + b64 * spvb + hk64 * spvh
+    pv = tl.load(pv_base + offs_p[:, None] * spvn + offs_d[None, :], mask=mask_p[:, None] & mask_d[None, :],
+                 other=0.0)
 
     dpk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     dpv = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
@@ -302,19 +309,32 @@ def _gated_attn_bwd_pre_kernel(
         mask_m = offs_m < row_hi
         mask = mask_m[:, None] & mask_d[None, :]
         q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=mask, other=0.0)
+        row = pid_bh.to(tl.int64) * Lq + offs_m
+        lse_p = tl.load(LSE_P + row, mask=mask_m, other=0.0)
+        if P <= BLOCK_P:  # one prompt tile: this program's
+            p, pk = _prefix_probs(q, pk_base, spkn, offs_p, offs_d, mask_p, mask_d, lse_p, qk_scale, DOT_PREC)
+            p = tl.where(mask_m[:, None], p, 0.0)
+            o_p = tl.dot(p.to(dtype), pv, input_precision=DOT_PREC)
+        else:  # o_p over every prompt tile (rows outside the chunk have dO = 0: they add nothing below)
+            o_p = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for p0 in range(0, P, BLOCK_P):
+                offs_t = p0 + tl.arange(0, BLOCK_P)
+                mask_t = offs_t < P
+                p_t, _ = _prefix_probs(q, pk_base, spkn, offs_t, offs_d, mask_t, mask_d, lse_p, qk_scale, DOT_PREC)
+                pv_t = tl.load(pv_base + offs_t[:, None] * spvn + offs_d[None, :],
+                               mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+                o_p += tl.dot(p_t.to(dtype), pv_t, input_precision=DOT_PREC)
+            p, pk = _prefix_probs(q, pk_base, spkn, offs_p, offs_d, mask_p, mask_d, lse_p, qk_scale, DOT_PREC)
+            p = tl.where(mask_m[:, None], p, 0.0)
         do = tl.load(DO + b64 * sdb + h64 * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=mask,
                      other=0.0).to(tl.float32)
         out = tl.load(OUT + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :], mask=mask,
                       other=0.0).to(tl.float32)
-        row = pid_bh.to(tl.int64) * Lq + offs_m
-        lse_p = tl.load(LSE_P + row, mask=mask_m, other=0.0)
-        p, pk = _prefix_probs(q, pk_base, spkn, offs_p, offs_d, mask_p, mask_d, lse_p, qk_scale, DOT_PREC)
-        p = tl.where(mask_m[:, None], p, 0.0)
-        o_p = tl.dot(p.to(dtype), pv, input_precision=DOT_PREC)
         dgp = tl.sum(do * o_p, 1)                      # d out / d g, per row
         delta_m = tl.sum(do * (out - g * o_p), 1)
-        tl.store(DELTA_M + row, delta_m, mask=mask_m)
-        tl.store(DELTA_P + row, g * dgp, mask=mask_m)
+        mask_first = mask_m & (pid_p + tl.zeros([BLOCK_M], tl.int32) == 0)  # prompt tile 0 writes the Δ's
+        tl.store(DELTA_M + row, delta_m, mask=mask_first)
+        tl.store(DELTA_P + row, g * dgp, mask=mask_first)
         dg += dgp
         # Prefix key / value gradients for these rows: dS_p = g·P_p ∘ (dO pvᵀ - rowsum(dO·o_p)).
         # g is applied in fp32 after each dot, so dO pvᵀ and rowsum(dO·o_p) see the same dO values.
@@ -324,7 +344,8 @@ def _gated_attn_bwd_pre_kernel(
         ds = p * (dp - dgp[:, None]) * g
         dpk += tl.dot(tl.trans(ds.to(dtype)), q, input_precision=DOT_PREC)
     part = pid_c.to(tl.int64) * tl.num_programs(1) + pid_bh
-    tl.store(DG_PART + part, tl.sum(dg, 0))
+    if pid_p == 0:
+        tl.store(DG_PART + part, tl.sum(dg, 0))
     base = part * P * D
     pmask = mask_p[:, None] & mask_d[None, :]
     tl.store(DPK_PART + base + offs_p[:, None] * D + offs_d[None, :], dpk * (qk_scale * _LN2), mask=pmask)
@@ -534,9 +555,11 @@ def shared_memory_gap(arch: int, elem_size: int, D: int, dot_prec: str, backward
                       triton_version: str = triton.__version__) -> str | None:
     """Why no launch configuration fits this arch's shared memory, or None. One case is known (sm90_check
     --dtype fp32-tf32 under Triton 3.6): fp32 with TF32 dots at D > 128 on a 99 KB GPU, where Triton before
-    3.9 gives the backward's pre / atomic-dQ kernels 114688 B even at their smallest tiles (3.9: 64 KB)."""
+    3.9 gives the backward's pre / atomic-dQ kernels 114688 B even at their smallest tiles (3.9: 64 KB).
+    3xTF32 ("tf32x3", fp32 under torch's "highest") stages the same fp32 operand tiles: assumed the same
+    (not compiled under Triton 3.6 here)."""
     major_minor = tuple(int(x) for x in triton_version.split(".")[:2] if x.isdigit())
-    if (backward and elem_size > 2 and dot_prec == "tf32" and D > 128 and small_smem(arch, elem_size)
+    if (backward and elem_size > 2 and dot_prec in ("tf32", "tf32x3") and D > 128 and small_smem(arch, elem_size)
             and major_minor < (3, 9)):
         return (f"with Triton {triton_version} the fp32 (TF32) backward at head dim {D} needs 114688 B of shared "
                 f"memory per block, sm_{arch} allows {smem_per_block(arch)} (Triton >= 3.9 fits)")
@@ -579,6 +602,7 @@ def _prefix_block(P: int) -> int:
     return pow2_at_least(min(P, 64))
 
 
+@launcher
 def gated_attention_forward(q, k, v, pk, pv, g, causal, scale, kpm):
     B, H, Lq, D = q.shape
     Hkv, Lk, P = k.shape[1], k.shape[2], pk.shape[2]
@@ -628,6 +652,7 @@ def gated_attention_forward(q, k, v, pk, pv, g, causal, scale, kpm):
     return out, lse_m, lse_p
 
 
+@launcher
 def gated_attention_backward(dout, q, k, v, pk, pv, g, out, lse_m, lse_p, causal, scale, kpm):
     B, H, Lq, D = q.shape
     Hkv, Lk, P = k.shape[1], k.shape[2], pk.shape[2]
@@ -639,9 +664,9 @@ def gated_attention_backward(dout, q, k, v, pk, pv, g, out, lse_m, lse_p, causal
     dq = empty(q.shape, q.dtype, dev)
     dk = empty(k.shape, k.dtype, dev)
     dv = empty(v.shape, v.dtype, dev)
-    if B * H * Lq == 0:
-        zeros = [torch.zeros_like(t) for t in (k, v, pk, pv)]
-        return (dq, zeros[0], zeros[1], zeros[2], zeros[3], torch.zeros_like(g))
+    if B * H * Lq == 0:  # fresh contiguous zeros, as the op's fake promises (zeros_like would keep strides)
+        zeros = [torch.zeros(t.shape, dtype=t.dtype, device=dev) for t in (k, v, pk, pv, g)]
+        return (dq, *zeros)
     kpm_t, has_kpm = _kpm_arg(kpm, q)
     shared = Bp == 1 and B > 1
     qk_scale = scale * math.log2(math.e)
@@ -661,7 +686,8 @@ def gated_attention_backward(dout, q, k, v, pk, pv, g, out, lse_m, lse_p, causal
     dg_part = empty((chunks, B, H), torch.float32, dev)
     dpk_part = empty((chunks, B, H, P, D), torch.float32, dev)
     dpv_part = empty((chunks, B, H, P, D), torch.float32, dev)
-    _gated_attn_bwd_pre_kernel[(chunks, B * H)](
+    n_ptiles = triton.cdiv(P, block_p)
+    _gated_attn_bwd_pre_kernel[(chunks, B * H, n_ptiles)](
         q, pk, pv, g32, out, dout, lse_p, delta_m, delta_p, dg_part, dpk_part, dpv_part,
         *_s4(q), *_s4(pk, shared), *_s4(pv, shared), *_s4(out), *_s4(dout),
         H, Lq, P, D, rows_per_prog, qk_scale,

@@ -17,7 +17,10 @@ first key (a segment's last block may be partial: SEG = 1601 = 25·64 + 1 costs 
 segment's end. A state-2 segment's whole blocks run without any mask (the forward's unmasked pass).
 
 Forward (a program per (query tile, b·h)): online softmax (exp2 domain) over the visible segments; writes
-out = g·o and lse (B, H, Lq) fp32 (natural log, -inf for a row that sees nothing).
+out = g·o and lse (B, H, Lq) fp32 (natural log, -inf for a row that sees nothing). Decode (Lq within one
+query tile, many key blocks, few B·H programs: generate with cached cross-attention K/V): the (segment, key
+block) pairs are split across programs (split kernel, unnormalised partials) and a combine kernel merges them
+by log-sum-exp rescaling, gates and writes out and lse (flash-decoding, as gated_attention's decode path).
 Backward, FlashAttention-2 style recomputation from lse:
   pre   per (row tile, b·h): Δ = rowsum(dout · out) (= rowsum(dO_inner · o) with dO_inner = g·dout).
   dkdv  per (segment block of keys, b·hkv): loops over the group's query heads and the query tiles whose
@@ -36,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import gated_attention as _GA
-from ._common import device_arch, dot_precision, empty, pow2_at_least, pre_hopper, small_smem
+from ._common import device_arch, dot_precision, empty, pow2_at_least, pre_hopper, sm_count, small_smem
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -140,6 +143,80 @@ def _gca_fwd_kernel(
         o = o * tl.load(G + h64).to(tl.float32)
     tl.store(OUT + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :], o.to(OUT.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * _LN2, float("-inf"))
+    tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _gca_fwd_split_kernel(
+    Q, K, V, VIS, STATE, ACC_PART, ML_PART,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+    H, GROUP, Lq, D, S, SEG, blocks_per_seg, blocks_per_split,
+    qk_scale,
+    HAS_VIS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Decode (Lq <= BLOCK_M, one query tile): the (segment, key block) pairs split across programs; each writes
+    its unnormalised partial (acc, m, l) (flash-decoding). Unseen segments' blocks get an empty key range."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b64, h64, hk64, offs_m, offs_d, mask_m, mask_d = _query_tile(0, pid_bh, H, GROUP, Lq, D, BLOCK_M, BLOCK_D)
+    q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    k_base = K + b64 * skb + hk64 * skh
+    v_base = V + b64 * svb + hk64 * svh
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    first = pid_s * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, S * blocks_per_seg)
+    for i in range(first, last):
+        s = i // blocks_per_seg
+        lo = s * SEG + (i % blocks_per_seg) * BLOCK_N
+        hi = tl.minimum(lo + BLOCK_N, s * SEG + SEG)
+        if HAS_VIS:
+            hi = tl.where(_segment_state(STATE, b64, 0, 1, s, S, HAS_VIS) > 0, hi, lo)
+        acc, m_i, l_i = _fwd_pass(q, k_base, v_base, skn, svn, lo, hi, acc, m_i, l_i, VIS + b64 * Lq * S + s, S,
+                                  offs_m, mask_m, offs_d, mask_d, qk_scale, True, HAS_VIS, BLOCK_N, DOT_PREC)
+    part = pid_s.to(tl.int64) * tl.num_programs(1) + pid_bh
+    tl.store(ACC_PART + (part * BLOCK_M + offs_m[:, None]) * BLOCK_D + offs_d[None, :], acc)
+    tl.store(ML_PART + (part * 2) * BLOCK_M + offs_m, m_i)
+    tl.store(ML_PART + (part * 2 + 1) * BLOCK_M + offs_m, l_i)
+
+
+@triton.jit
+def _gca_fwd_combine_kernel(
+    G, ACC_PART, ML_PART, OUT, LSE, sob, soh, som, H, Lq, D, n_splits,
+    HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Merge the split partials (log-sum-exp rescaling), gate, write out and lse (DOT_PREC: uniform signature)."""
+    pid_bh = tl.program_id(0)
+    b64 = (pid_bh // H).to(tl.int64)
+    h64 = (pid_bh % H).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < Lq
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s_i in range(0, n_splits):
+        part = pid_bh.to(tl.int64) + s_i * tl.num_programs(0)
+        m_s = tl.load(ML_PART + (part * 2) * BLOCK_M + offs_m)
+        l_s = tl.load(ML_PART + (part * 2 + 1) * BLOCK_M + offs_m)
+        acc_s = tl.load(ACC_PART + (part * BLOCK_M + offs_m[:, None]) * BLOCK_D + offs_d[None, :])
+        m_new = tl.maximum(m_i, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a_old = tl.exp2(m_i - m_safe)
+        a_new = tl.exp2(m_s - m_safe)
+        l_i = l_i * a_old + l_s * a_new
+        acc = acc * a_old[:, None] + acc_s * a_new[:, None]
+        m_i = m_new
+    has_keys = l_i > 0.0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if HAS_GATE:
+        o = o * tl.load(G + h64).to(tl.float32)
+    tl.store(OUT + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :], o.to(OUT.dtype.element_ty),
+             mask=mask_m[:, None] & (offs_d < D)[None, :])
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * _LN2, float("-inf"))
     tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=mask_m)
 
@@ -378,6 +455,16 @@ def _segments(vis, Lk: int, seg: int) -> tuple[int, int]:
     return (vis.shape[2], seg) if vis is not None else (1, Lk)
 
 
+def decode_splits(programs: int, Lq: int, n_blocks: int, block_m: int, device) -> int:
+    """Key-block splits of the forward: > 1 only when one query tile covers Lq (decode: generate with cached
+    cross-attention K/V) and B·H programs alone would leave most of the GPU idle; each split keeps >= 4 of the
+    n_blocks (segment, key block) pairs."""
+    if Lq > block_m or n_blocks <= 4:
+        return 1
+    want = triton.cdiv(2 * sm_count(device), programs)
+    return max(1, min(want, n_blocks // 4))
+
+
 def gated_cross_attention_forward(q, k, v, vis, seg, g, scale):
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -391,14 +478,37 @@ def gated_cross_attention_forward(q, k, v, vis, seg, g, scale):
     block_n = key_block(block_n, SEG)
     vis_t, has_vis = _vis_arg(vis, q)
     g_t = g.float().contiguous() if g is not None else q
+    block_d, prec, qk_scale = pow2_at_least(D), dot_precision(q.dtype), scale * math.log2(math.e)
+    blocks_per_seg = triton.cdiv(SEG, block_n)
+    splits = decode_splits(B * H, Lq, S * blocks_per_seg, block_m, q.device)
     with _device_guard(q):
         state, n_tiles = tile_state(vis, block_m, vis_t if has_vis else None)
-        _gca_fwd_kernel[(triton.cdiv(Lq, block_m), B * H)](
-            q, k, v, vis_t, state if state is not None else q, g_t, out, lse,
-            *_s3(q), *_s3(k), *_s3(v), *_s3(out),
-            H, H // Hkv, Lq, D, S, SEG, n_tiles, scale * math.log2(math.e),
-            HAS_VIS=has_vis, HAS_GATE=g is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_D=pow2_at_least(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+        state_t = state if state is not None else q
+        if splits == 1:
+            _gca_fwd_kernel[(triton.cdiv(Lq, block_m), B * H)](
+                q, k, v, vis_t, state_t, g_t, out, lse,
+                *_s3(q), *_s3(k), *_s3(v), *_s3(out),
+                H, H // Hkv, Lq, D, S, SEG, n_tiles, qk_scale,
+                HAS_VIS=has_vis, HAS_GATE=g is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps, num_stages=stages,
+            )
+            return out, lse
+        # Decode: the key blocks split across programs so that B·H·splits programs fill the GPU.
+        blocks_per_split = triton.cdiv(S * blocks_per_seg, splits)
+        splits = triton.cdiv(S * blocks_per_seg, blocks_per_split)
+        acc_part = empty((splits, B * H, block_m, block_d), torch.float32, q.device)
+        ml_part = empty((splits, B * H, 2, block_m), torch.float32, q.device)
+        _gca_fwd_split_kernel[(splits, B * H)](
+            q, k, v, vis_t, state_t, acc_part, ml_part,
+            *_s3(q), *_s3(k), *_s3(v),
+            H, H // Hkv, Lq, D, S, SEG, blocks_per_seg, blocks_per_split, qk_scale,
+            HAS_VIS=has_vis, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PREC=prec,
+            num_warps=warps, num_stages=stages,
+        )
+        _gca_fwd_combine_kernel[(B * H,)](
+            g_t, acc_part, ml_part, out, lse, *_s3(out), H, Lq, D, splits,
+            HAS_GATE=g is not None, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec,
+            num_warps=4, num_stages=1,
         )
     return out, lse
 
@@ -414,7 +524,7 @@ def gated_cross_attention_backward(dout, q, k, v, vis, seg, g, out, lse, scale):
     dv = empty(v.shape, v.dtype, dev)
     dg_empty = torch.zeros((0,), dtype=torch.float32, device=dev)
     if B * H * Lq == 0 or Lk == 0:
-        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+        return (q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape),
                 dg_empty if g is None else torch.zeros_like(g))
     S, SEG = _segments(vis, Lk, seg)
     qk_scale = scale * math.log2(math.e)

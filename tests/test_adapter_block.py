@@ -232,3 +232,131 @@ def test_bad_activation_and_eps():
         call(_good(), "tanh")
     with pytest.raises(ValueError, match="'eps' must be a positive float"):
         call(_good(), "gelu", eps=0.0)
+
+
+@needs_kernels
+def test_every_launch_runs_under_the_tensors_device(monkeypatch):
+    from fastbridge.kernels import adapter_block as K
+    from test_gated_attention import guarded_launches
+
+    launched = guarded_launches(monkeypatch, K)
+    t = make_inputs((5,), 24, 8, dict(ln=True, ln_bias=True, gate=True), torch.float32, kernel_devices()[0])
+    run_with_grads(t, "gelu", torch.randn(5, 24).to(t["x"].device), "kernel")
+    assert {name for name, _ in launched} == {n for n in dir(K) if n.endswith("_kernel")}
+
+
+@needs_kernels
+@pytest.mark.parametrize("torch_setting,dot_prec,tol_dtype", [("highest", "tf32x3", torch.float32),
+                                                              ("high", "tf32", torch.float16)])
+def test_fp32_precisions_match_float64(torch_setting, dot_prec, tol_dtype, monkeypatch):
+    """fp32 dots follow torch's matmul precision (3xTF32 under "highest", TF32 under "high"), each within the
+    tolerance it earns (TF32: fp16's 10 mantissa bits). The interpreter computes every precision in fp32."""
+    from fastbridge.kernels import adapter_block as K
+    from test_gated_attention import guarded_launches
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(torch_setting)
+    try:
+        launched = guarded_launches(monkeypatch, K)
+        t = make_inputs((2, 19), 70, 13, dict(ln=True, ln_bias=True, gate=True), torch.float32, kernel_devices()[0])
+        dy = torch.randn(2, 19, 70, generator=torch.Generator().manual_seed(1)).to(t["x"].device)
+        y, grads = run_with_grads(t, "gelu", dy, "kernel")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    y64, g64 = reference64(t, "gelu", dy)
+    assert_close(y, y64, tol_dtype, f"y ({dot_prec})")
+    for n in grads:
+        assert_close(grads[n], g64[n], tol_dtype, f"d{n} ({dot_prec})")
+    assert {kwargs["DOT_PREC"] for _, kwargs in launched} == {dot_prec}
+
+
+# ------------------------------------------------------------- found by adversarial testing (items 13-19)
+@pytest.mark.parametrize("backend", ["reference", pytest.param("kernel", marks=needs_kernels)])
+def test_double_backward(backend):
+    """Second order: the reference backend differentiates its backward; the fused backward raises in
+    fastbridge's words instead of torch's generic "no autograd formula"."""
+    device = "cpu" if backend == "reference" else kernel_devices()[0]
+    t = make_inputs((5,), 24, 8, dict(ln=True, ln_bias=True, gate=True), torch.float32, device)
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in grad_leaves(t).items()}
+    with fastbridge.use_backend(backend):
+        y = call({**t, **leaves}, "gelu")
+    gx, = torch.autograd.grad(y.square().sum(), leaves["x"], create_graph=True)
+    if backend == "reference":
+        assert torch.autograd.grad(gx.sum(), leaves["w_down"])[0].abs().sum() > 0
+        return
+    with pytest.raises(NotImplementedError, match="second-order gradients are not supported by "
+                                                  r"fastbridge.ops.adapter_block; .*use_backend\('reference'\)"):
+        torch.autograd.grad(gx.sum(), leaves["w_down"])
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("kernel", marks=needs_kernels)])
+def test_d1_with_odd_last_stride(backend):
+    """d = 1 with a non-unit last stride (x and the incoming grad), which .contiguous() keeps for a size-1
+    dim: the launcher used to fail with a bare AssertionError."""
+    device = "cpu" if backend == "reference" else kernel_devices()[0]
+    t = make_inputs((5,), 1, 3, dict(ln=False), torch.float32, device)
+    t["x"] = torch.randn(1, 5).t().to(device)
+    assert t["x"].stride(-1) != 1
+    dy = torch.randn(1, 5).t().to(device)
+    y, grads = run_with_grads(t, "gelu", dy, backend)
+    y64, g64 = reference64(t, "gelu", dy)
+    assert_close(y, y64, torch.float32, "y")
+    for name in g64:
+        assert_close(grads[name], g64[name], torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("change,arg,fragment", [
+    (dict(w_down=torch.randn(0, 16), w_up=torch.randn(16, 0), b_down=torch.randn(0)), "w_down", "r >= 1"),
+    (dict(x=torch.randn(3, 4, 0), w_down=torch.randn(4, 0), w_up=torch.randn(0, 4), b_up=torch.randn(0),
+          ln_weight=torch.randn(0), ln_bias=torch.randn(0)), "x", "d >= 1"),
+    (dict(scale=float("nan")), "scale", "a float or a 0-d tensor"),
+    (dict(scale=float("-inf")), "scale", "a float or a 0-d tensor"),
+    (dict(scale=True), "scale", "a float or a 0-d tensor"),
+])
+def test_degenerate_arguments_name_the_argument(change, arg, fragment):
+    t = {**_good(), **change}
+    with pytest.raises(ValueError) as e:
+        call(t, "gelu")
+    msg = str(e.value)
+    assert f"'{arg}'" in msg and fragment in msg, msg
+
+
+@pytest.mark.parametrize("eps", [True, float("nan"), float("inf"), -1e-5, "1e-5"])
+def test_bad_eps_names_the_argument(eps):
+    with pytest.raises(ValueError, match="'eps' must be a positive float"):
+        call(_good(), "gelu", eps=eps)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("kernel", marks=needs_kernels)])
+def test_numpy_scale_and_eps_work(backend):
+    np = pytest.importorskip("numpy")
+    device = "cpu" if backend == "reference" else kernel_devices()[0]
+    t = make_inputs((3, 4), 16, 4, dict(ln=True, ln_bias=True, gate=True), torch.float32, device)
+    with fastbridge.use_backend(backend):
+        expect = call({**t, "scale": 0.5}, "gelu", eps=1e-5)
+        for s, e in ((np.float32(0.5), np.float32(1e-5)), (np.float64(0.5), np.float64(1e-5))):
+            got = call({**t, "scale": s}, "gelu", eps=e)
+            assert isinstance(got, torch.Tensor) and got.dtype == torch.float32
+            torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("lead", [5, 0])
+def test_opcheck_backward_odd_layouts(lead):
+    """Fake and real backward outputs agree in shape, dtype and strides with strided rows, transposed
+    weights (an (r, d) view of a (d, r) tensor) and a broadcast grad."""
+    device = kernel_devices()[0]
+    d, r = 24, 8
+    t = make_inputs((lead,), 2 * d, r, dict(ln=True, ln_bias=True, gate=True), torch.float32, device)
+    x = t["x"][:, ::2]
+    w_down = (torch.randn(d, r) * d ** -0.5).t().to(device)
+    w_up = (torch.randn(r, d) * r ** -0.5).t().to(device)
+    ln_w, ln_b = t["ln_weight"][::2], t["ln_bias"][::2]
+    s = torch.tanh(t["gate"].float()).reshape(())
+    _, z, mean, rstd = torch.ops.fastbridge.adapter_block(x, w_down, None, w_up, None, ln_w, ln_b, 1e-5, "gelu", 1.0,
+                                                         s, None)
+    dy = torch.randn(1, d).to(device).expand(lead, d)
+    args = (dy, x, w_down, w_up, None, ln_w, ln_b, "gelu", 1.0, s, z, mean, rstd, False)
+    torch.library.opcheck(torch.ops.fastbridge.adapter_block_bwd.default, args)
+    fwd_args = (x, w_down, None, w_up, None, ln_w, ln_b, 1e-5, "gelu", 1.0, s, None)
+    torch.library.opcheck(torch.ops.fastbridge.adapter_block.default, fwd_args)

@@ -242,6 +242,42 @@ def test_generator_shapes_and_masking(pool, shape):
         assert_close(g(junk, mask=mask), g(e[:, :-2]), torch.float32, "masked tokens")
 
 
+@pytest.mark.parametrize("pool", ["mean", "attention"])
+def test_generator_padding_never_reaches_a_prompt(pool):
+    """Padded positions holding NaN / inf / huge values change no prompt; a sample whose every position is
+    padded gets the same prompt whatever its padding holds (issue 16, item 17)."""
+    torch.manual_seed(0)
+    g = DynamicPromptGenerator(16, HIDDEN, P, pool=pool, mlp_hidden=32)
+    e = torch.randn(3, 6, 16)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[0, -2:] = False   # partly padded
+    mask[2, :] = False     # nothing real
+    outs = []
+    for junk in (float("nan"), float("inf"), 1e4, -73.0):
+        e2 = e.clone()
+        e2[~mask] = junk
+        out = g(e2, mask=mask)
+        assert torch.isfinite(out).all(), f"padding {junk} leaked"
+        outs.append(out)
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
+    assert_close(outs[0][:1], g(e[:1, :-2]), torch.float32, "partly padded sample")
+    assert_close(outs[0][1:2], g(e[1:2]), torch.float32, "unpadded sample")
+    # nothing real pools to the zero vector
+    assert_close(outs[0][2:], g(torch.zeros(1, 1, 16)), torch.float32, "fully padded sample")
+    # gradients stay finite too (0·NaN would poison the projection's gradient)
+    e2 = e.clone()
+    e2[~mask] = float("nan")
+    g(e2, mask=mask).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in g.parameters())
+
+
+def test_generator_tokens_pool_refuses_a_mask():
+    g = DynamicPromptGenerator(16, HIDDEN, P, pool="tokens")
+    with pytest.raises(ValueError, match="'mask' must be None with pool='tokens'"):
+        g(torch.randn(2, P, 16), mask=torch.ones(2, P, dtype=torch.bool))
+
+
 def test_generator_zero_init_starts_from_learned_prompt():
     m = make(gate_value=0.8)
     g = DynamicPromptGenerator(16, HIDDEN, P, zero_init=True)

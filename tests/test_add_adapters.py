@@ -286,8 +286,12 @@ def test_presets_and_options():
 
 def test_verbose_prints_summary(capsys):
     model, *_ = build("vit")
-    add_adapters(model, r=R)
-    assert "fastbridge.add_adapters: 2 adapters (vision x2) || trainable params:" in capsys.readouterr().out
+    report = add_adapters(model, r=R)  # quiet by default: the report is returned (and logged at INFO)
+    assert capsys.readouterr().out == ""
+    assert "fastbridge.add_adapters: 2 adapters (vision x2) || trainable params:" in str(report)
+    remove_adapters(model)
+    add_adapters(model, r=R, verbose=True)
+    assert capsys.readouterr().out.count("fastbridge.add_adapters: 2 adapters (vision x2) || trainable params:") == 1
 
 
 def test_half_model_keeps_fp32_adapters_and_identity():

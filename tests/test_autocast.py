@@ -149,3 +149,19 @@ def test_integrations_under_autocast_match_eager():
         eager = vit(pixel_values=px).last_hidden_state
     assert fused.dtype == eager.dtype
     assert_close(fused.float(), eager.float(), torch.float16, "ViT + adapters under autocast")
+
+
+@pytest.mark.parametrize("device,amp", CASES)
+def test_gated_cross_attention_runs_in_the_autocast_dtype(monkeypatch, device, amp):
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 5, 16, generator=g).to(device)                     # fp32 (a norm's fp32 output)
+    k = torch.randn(2, 2, 14, 16, generator=g).to(device=device, dtype=amp)  # from a projection under autocast
+    v = torch.randn(2, 2, 14, 16, generator=g).to(device=device, dtype=amp)
+    vis = torch.rand(2, 5, 2, generator=g).to(device) > 0.3
+    seen = _spy(monkeypatch, _module("gated_cross_attention"), ["ref.gated_cross_attention",
+                                                                "_gated_cross_attention_op"])
+    with torch.autocast(device, dtype=amp):
+        out = fastbridge.ops.gated_cross_attention(q, k, v, vis, segment_len=7)
+    assert seen == [amp] and out.dtype == amp
+    want = ref.gated_cross_attention(q.to(amp).double(), k.double(), v.double(), vis, segment_len=7)
+    assert_close(out, want, amp, "gated_cross_attention under autocast")

@@ -157,6 +157,165 @@ def test_auto_falls_back_once_with_a_warning_and_same_result(monkeypatch):
     torch.testing.assert_close(y1, y2)
 
 
+def test_fallback_warning_points_at_the_users_call_site(monkeypatch):
+    """The one-time warning names the user's line, not torch/nn/modules/module.py or fastbridge."""
+    monkeypatch.delenv("FASTBRIDGE_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "triton_interpret", lambda: False)  # env changes confuse triton
+    monkeypatch.setattr(_backend, "_warned", set())
+    model = nn.Sequential(nn.Linear(8, 8), BottleneckAdapter(8, 4))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        model(torch.randn(3, 8)); line = sys._getframe().f_lineno  # noqa: E702
+    fb = [x for x in w if issubclass(x.category, fastbridge.FastbridgeFallbackWarning)]
+    assert len(fb) == 1
+    assert (fb[0].filename, fb[0].lineno) == (__file__, line)
+
+
+def test_import_does_not_load_dynamo():
+    """``import fastbridge`` stays light: torch._dynamo (about 1 s) is imported only where compiling needs
+    it; torch.compile's cache tag is still applied when inductor's config is imported."""
+    code = ("import sys, fastbridge; print('torch._dynamo' in sys.modules); import torch._inductor.config as c; "
+            "print(c.unsafe_marked_cacheable_functions.get('torch.ops.fastbridge', '')[:10])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         check=True).stdout.split()
+    assert out == ["False", "fastbridge"], out
+
+
+def test_assume_constant_marks_like_torch():
+    """_backend.assume_constant sets exactly what torch.compiler.assume_constant_result sets (without
+    importing torch._dynamo), and a compiled op stays one graph."""
+    def f():
+        return 1
+
+    def g():
+        return 1
+
+    torch.compiler.assume_constant_result(f)
+    _backend.assume_constant(g)
+    assert {k: v for k, v in vars(f).items()} == {k: v for k, v in vars(g).items()} != {}
+
+
+# ------------------------------------------------------------------------------------------------ stats
+@pytest.fixture
+def fresh_stats():
+    fastbridge.reset_stats()
+    yield
+    fastbridge.reset_stats()
+
+
+def test_stats_count_what_each_call_ran(monkeypatch, fresh_stats):
+    monkeypatch.delenv("FASTBRIDGE_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "triton_interpret", lambda: False)
+    model = nn.Sequential(nn.Linear(8, 8), BottleneckAdapter(8, 4))
+    other = BottleneckAdapter(8, 2)
+    assert str(fastbridge.stats()).startswith("fastbridge.stats: no calls recorded")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fastbridge.FastbridgeFallbackWarning)
+        for _ in range(3):
+            model(torch.randn(2, 8))
+        with fastbridge.use_backend("reference"):
+            model(torch.randn(2, 8))
+        fastbridge.patch(model)
+        fastbridge.unpatch(model)
+        model(torch.randn(2, 8))
+        other(torch.randn(2, 8).double())  # another model: the counts are process-wide
+    s = fastbridge.stats(model)["fastbridge.BottleneckAdapter"]
+    # CPU without TRITON_INTERPRET: the reference runs, with the reason; unpatched: the eager composition
+    assert (s.fused, s.reference, s.fallbacks, s.total) == (0, 5, 1, 6)
+    assert s.reference_reasons == {"backend 'reference' selected": 1,
+                                   "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1": 4}
+    text = str(fastbridge.stats(model))
+    assert "6 calls: 0 fused, 5 reference, 1 fallback" in text and "fused=False" in text
+    assert fastbridge.stats().as_dict()["fastbridge.BottleneckAdapter"]["total"] == 6
+    fastbridge.reset_stats()
+    assert fastbridge.stats(model)["fastbridge.BottleneckAdapter"].total == 0
+
+
+@needs_kernels
+def test_stats_count_fused_calls(fresh_stats):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = BottleneckAdapter(16, 4).to(device)
+    m(torch.randn(3, 16, device=device))
+    assert fastbridge.stats(m)["fastbridge.BottleneckAdapter"].fused == 1
+
+
+def test_stats_under_torch_compile_no_graph_break(monkeypatch, fresh_stats):
+    monkeypatch.delenv("FASTBRIDGE_BACKEND", raising=False)
+    m = BottleneckAdapter(8, 4)
+    x = torch.randn(2, 8)
+    with fastbridge.use_backend("reference"):
+        torch._dynamo.reset()
+        y = torch.compile(m, fullgraph=True, backend="eager")(x)
+        torch.testing.assert_close(y, m(x))
+    assert fastbridge.stats(m)["fastbridge.BottleneckAdapter"].total == 1  # the eager call only
+
+
+def test_stats_of_the_qformer_attention(fresh_stats):
+    """The "fastbridge" transformers attention counts fused calls and SDPA fallbacks (with the reason);
+    fastbridge.stats(model) of a patched BLIP-2 shows them."""
+    from fastbridge.integrations import transformers as FT
+    from fastbridge.ops.qformer_cross_attention import ensure_loaded
+    from test_qformer_integration import blip2
+
+    ensure_loaded()
+    model, inputs = blip2("cpu")
+    fastbridge.patch(model)
+    assert "transformers.QFormer x1: kernel (C++ extension, cpu)" in str(model.fastbridge_report)
+    with torch.no_grad():
+        model(**inputs)
+    n_layers = model.config.qformer_config.num_hidden_layers
+    s = fastbridge.stats(model)
+    assert set(s) >= {"transformers.QFormer", fastbridge._stats.ATTENTION}
+    att = s[fastbridge._stats.ATTENTION]
+    assert att.fused >= n_layers and att.fallbacks == 0  # self- (and cross-) attention of every layer
+
+    causal = nn.Module()
+    causal.is_causal = True
+    q = torch.randn(1, 2, 3, 8)
+    FT.fastbridge_attention_forward(causal, q, q, q, None)
+    with fastbridge.use_backend("reference"):
+        FT.fastbridge_attention_forward(nn.Module(), q, q, q, None)
+    att2 = fastbridge.stats(model)[fastbridge._stats.ATTENTION]
+    assert (att2.fused, att2.reference) == (att.fused, 1)
+    assert list(att2.fallback) == ["transformers' SDPA: causal attention (the kernels implement bidirectional "
+                                   "Q-Former attention)"]
+
+
+def test_auto_fallback_compiles_without_graph_break(monkeypatch, fresh_stats):
+    """"auto" falling back to the reference under torch.compile(fullgraph=True): the one-time warning is
+    not traced (it used to break the graph: warnings.warn is skipped by dynamo); the eager call warns."""
+    monkeypatch.delenv("FASTBRIDGE_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "triton_interpret", lambda: False)
+    monkeypatch.setattr(_backend, "_warned", set())
+    m = BottleneckAdapter(8, 4)
+    x = torch.randn(2, 8)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        y = torch.compile(m, fullgraph=True, backend="eager")(x)
+        assert not [i for i in w if issubclass(i.category, fastbridge.FastbridgeFallbackWarning)]
+        torch.testing.assert_close(y, m(x))
+    assert len([i for i in w if issubclass(i.category, fastbridge.FastbridgeFallbackWarning)]) == 1
+
+
+def test_patch_report_says_which_backend_will_run(monkeypatch):
+    monkeypatch.delenv("FASTBRIDGE_BACKEND", raising=False)
+    model = nn.Sequential(nn.Linear(8, 8), BottleneckAdapter(8, 4))
+    monkeypatch.setattr(_backend, "triton_interpret", lambda: False)
+    fastbridge.patch(model)
+    text = str(model.fastbridge_report)
+    assert "fastbridge.BottleneckAdapter x1: reference on cpu" in text and "TRITON_INTERPRET=1" in text
+    assert "fused now" not in text and "fastbridge.stats(model)" in text
+    monkeypatch.setattr(_backend, "triton_interpret", lambda: True)
+    fastbridge.unpatch(model)
+    fastbridge.patch(model)
+    assert "fastbridge.BottleneckAdapter x1: kernel (Triton interpreter, cpu" in str(model.fastbridge_report)
+    with fastbridge.use_backend("reference"):
+        fastbridge.unpatch(model)
+        fastbridge.patch(model)
+    assert "reference on cpu (backend 'reference' selected)" in str(model.fastbridge_report)
+
+
 # ----------------------------------------------------------------------------------------------- module
 def test_new_adapter_is_identity_and_presets():
     x = torch.randn(2, 5, 32)
@@ -274,3 +433,130 @@ def test_cli_info_runs_as_module_and_script():
     out = subprocess.run([sys.executable, "-m", "fastbridge", "info"], capture_output=True, text=True, env=env,
                          cwd=str(REPO / "tests"), check=True).stdout
     assert "torch" in out and "triton" in out and "can run here:" in out and "reference (eager PyTorch)" in out
+
+
+# ------------------------------------------------------------------------------------------------ bench
+def test_bench_help_says_what_it_takes(capsys):
+    from fastbridge.cli import main
+
+    assert main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("passed to pytest", "-k EXPR", "--fb-quick", "--fb-results-dir DIR", "~/.cache/fastbridge/bench"):
+        assert needle in out, needle
+
+
+def _bench_plot():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import plot
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return plot
+
+
+def _rec(provider, mode, ms, N=4096, peak=None):
+    return {"op": "adapter_block", "provider": provider, "mode": mode, "dtype": "bf16",
+            "shape": {"d": 768, "r": 16, "N": N}, "ms": {"p20": ms, "p50": ms, "p80": ms}, "peak_mb": peak}
+
+
+def test_bench_compact_table_one_unit_per_column():
+    plot = _bench_plot()
+    recs = [_rec("fastbridge", "fwd", 0.5, peak=10.0), _rec("eager", "fwd", 1.5, peak=30.0),
+            _rec("fastbridge", "bwd", 1.0, peak=12.0), _rec("eager", "bwd", 2.0, peak=40.0)]
+    text = plot.compact_table(recs)
+    lines = text.splitlines()
+    assert lines[0] == "adapter_block, bf16"
+    assert lines[1].split() == ["shape", "mode", "fastbridge", "ms", "eager", "ms", "×", "vs", "eager",
+                                "fastbridge", "MB", "eager", "MB"]
+    assert lines[2].split() == ["d=768", "r=16", "N=4096", "fwd", "0.5", "1.5", "3.00", "10", "30"]
+    assert lines[3].split()[3:] == ["bwd", "1", "2", "2.00", "12", "40"]
+
+
+def test_bench_single_size_speedup_panel_uses_bars(tmp_path):
+    """A speed-up panel with one size only (a dot per series, line styles invisible) is drawn as bars
+    grouped by mode, with a legend; with several sizes, lines carry a marker per mode."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot = _bench_plot()
+    doc = {"device": "test", "records": [_rec("fastbridge", m, 1.0) for m in plot.MODES] +
+           [_rec("eager", m, 2.0 + i) for i, m in enumerate(plot.MODES)]}
+    figs = []
+    orig = plt.close
+    plt.close = lambda fig=None: figs.append(fig)  # keep the figures to inspect them
+    try:
+        plot.plot_doc(doc, tmp_path / "dev.json", tmp_path)
+    finally:
+        plt.close = orig
+    speed = figs[1].axes[0]
+    assert len(speed.patches) == 3 and not speed.get_lines()[1:]  # three bars (fwd, bwd, fwd_bwd); 1.0 line
+    assert [t.get_text() for t in speed.get_xticklabels()] == list(plot.MODES)
+    assert speed.get_legend() is not None
+    doc["records"] += [_rec("fastbridge", m, 1.0, N=8192) for m in plot.MODES] + \
+        [_rec("eager", m, 3.0, N=8192) for m in plot.MODES]
+    figs.clear()
+    plt.close = lambda fig=None: figs.append(fig)
+    try:
+        plot.plot_doc(doc, tmp_path / "dev.json", tmp_path)
+    finally:
+        plt.close = orig
+    markers = {ln.get_label(): ln.get_marker() for ln in figs[1].axes[0].get_lines() if ln.get_label()[0] != "_"}
+    assert markers == {"fastbridge fwd": "o", "fastbridge bwd": "s", "fastbridge fwd_bwd": "^"}
+    for f in figs:
+        orig(f)
+
+
+def test_bench_subset_run_shows_only_its_records_and_writes_outside_the_checkout(tmp_path):
+    """`fastbridge bench -k ...` writes to ~/.cache/fastbridge/bench by default (here XDG_CACHE_HOME), and
+    a later -k subset prints only the records it measured, while the file keeps both runs'."""
+    pytest.importorskip("pytest_benchmark")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    for name in ("FASTBRIDGE_BENCH_OUT", "FASTBRIDGE_POISON"):  # tests/conftest.py poisons kernel outputs
+        env.pop(name, None)
+    base = ["-m", "fastbridge", "bench", "--fb-warmup-ms", "1", "--fb-rep-ms", "2", "-p", "no:cacheprovider", "-rs",
+            "-k"]
+    sel = "adapter_block_cpu and blip-d768-r16-N256- and eager"
+    runs = []
+    for k in (f"{sel} and not bwd", f"{sel} and fwd_bwd"):
+        r = subprocess.run([sys.executable, *base, k], capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs.append(r.stdout)
+    out = tmp_path / "cache" / "fastbridge" / "bench"
+    files = list(out.glob("*.json"))
+    assert len(files) == 1 and (out / "plots" / "results.md").exists()
+    import json
+
+    modes = {r["mode"] for r in json.loads(files[0].read_text())["records"]}
+    assert modes == {"fwd", "fwd_bwd"}
+    table = runs[1].split("benchmark records this run measured")[1]
+    assert "fwd_bwd" in table and " fwd " not in table
+
+
+# ----------------------------------------------------------------------------------------------- README
+def test_readme_demo_section_matches_the_committed_demo_json(tmp_path):
+    """README's demo tables are generated from docs/demo/*/demo.json (docs/demo/readme_demo.py)."""
+    script = REPO / "docs" / "demo" / "readme_demo.py"
+    r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    # and the check can fail: a hand-edited number is caught
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO / "README.md").read_text().replace("0.094 → 0.283", "0.094 → 0.300", 1))
+    r = subprocess.run([sys.executable, str(script), "--check", "--readme", str(readme)], capture_output=True,
+                       text=True, cwd=REPO)
+    assert r.returncode == 1 and "out of date" in r.stderr
+
+
+def test_docs_live_in_the_repository():
+    """What the README links to exists in a clone; no links outside it, no issue-tracker references."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    assert "../shared" not in text and not re.search(r"\bissue \d", text)
+    for link in re.findall(r"\]\(([^)#]+)\)", text):
+        if "://" not in link:
+            assert (REPO / link).exists(), link
+    assert (REPO / "docs" / "API.md").exists() and "fastbridge.stats" in (REPO / "docs" / "API.md").read_text()
+    assert "Apache License" in (REPO / "LICENSE").read_text()

@@ -1,6 +1,8 @@
 """fastbridge.ops.gated_attention: fused kernels against the float64 reference, every gradient."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -244,3 +246,287 @@ def test_bad_options_name_the_argument():
         gated_attention(*args, scale=-1.0)
     with pytest.raises(ValueError, match="'causal' must be a bool"):
         gated_attention(*args, causal=1)
+
+
+# Prompts longer than one prompt tile (kernels/gated_attention._prefix_block: 64 keys): the forward's and
+# dq's prompt loops and the backward "pre" kernel's prompt-tile programs (issue 16, item 1).
+LONG_PROMPTS = [
+    pytest.param(2, 2, 1, 7, 9, 65, 16, dict(), id="P65-shared-gqa"),
+    pytest.param(2, 2, 2, 11, 5, 130, 16, dict(per_sample=True, kpm="partial"), id="P130-per-sample"),
+    pytest.param(2, 2, 1, 13, 13, 130, 16, dict(causal=False), id="P130-shared-noncausal"),
+    pytest.param(1, 2, 1, 70, 70, 129, 16, dict(), id="P129-row-chunks"),
+    pytest.param(1, 2, 1, 1, 600, 130, 16, dict(), id="P130-decode-split"),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("B,H,Hkv,Lq,Lk,P,D,opts", LONG_PROMPTS)
+def test_long_prompts_match_float64_reference(B, H, Hkv, Lq, Lk, P, D, opts, dq_mode):
+    device = kernel_devices()[0]
+    dtype = torch.float32
+    t, kw = make_inputs(B, H, Hkv, Lq, Lk, P, D, opts, dtype, device)
+    dout = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+    out, grads = run(t, kw, dout, "kernel")
+    out64, g64 = reference64(t, kw, dout)
+    assert_close(out, out64, dtype, "out")
+    for n in NAMES:
+        assert_close(grads[n], g64[n], dtype, f"d{n}")
+
+
+# ------------------------------------------------------------------------------- launch device (item 2)
+def guarded_launches(monkeypatch, module):
+    """Replace kernels/_common.device_guard with a recording one and every ``*_kernel`` of ``module`` with a
+    proxy that fails a launch made outside the guard (or under another device's guard). Returns the list
+    of (kernel name, launch keyword arguments)."""
+    from fastbridge.kernels import _common as KC
+
+    active, launched = [], []
+    real_guard = KC.device_guard
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        with real_guard(device):
+            active.append(device)
+            try:
+                yield
+            finally:
+                active.pop()
+
+    class Checked:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                device = next(a.device for a in args if isinstance(a, torch.Tensor))
+                assert active, f"{self.name} launched outside kernels/_common.device_guard"
+                assert active[-1] == device, f"{self.name}: guard for {active[-1]}, tensors on {device}"
+                launched.append((self.name, kwargs))
+                return self.fn[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(KC, "device_guard", recording_guard)
+    for name in dir(module):
+        if name.endswith("_kernel"):
+            monkeypatch.setattr(module, name, Checked(name, getattr(module, name)))
+    return launched
+
+
+@needs_kernels
+def test_every_launch_runs_under_the_tensors_device(monkeypatch):
+    from fastbridge.kernels import gated_attention as K
+
+    launched = guarded_launches(monkeypatch, K)
+    device = kernel_devices()[0]
+    for mode in K.DQ_MODES:
+        monkeypatch.setenv(K.DQ_ENV, mode)
+        for shape in ((1, 2, 1, 9, 11, 3, 16), (1, 2, 1, 1, 600, 3, 16)):  # prefill; decode (split + combine)
+            t, kw = make_inputs(*shape, dict(), torch.float32, device)
+            run(t, kw, torch.randn(shape[0], shape[1], shape[3], shape[6]).to(device), "kernel")
+    assert {name for name, _ in launched} == {n for n in dir(K) if n.endswith("_kernel")}
+
+
+def test_device_guard_makes_the_tensors_gpu_current():
+    from fastbridge.kernels import _common as KC
+
+    assert isinstance(KC.device_guard(torch.device("cpu")), contextlib.nullcontext)
+    guard = KC.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+# ------------------------------------------------------------------------- fp32 dot precision (item 6)
+@pytest.fixture
+def matmul_precision():
+    """Set torch's fp32 matmul precision for one test, restored after."""
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+def test_dot_precision_follows_torch(matmul_precision, monkeypatch):
+    from types import SimpleNamespace
+
+    from fastbridge.kernels._common import dot_precision
+
+    for torch_setting, expected in (("highest", "tf32x3"), ("high", "tf32"), ("medium", "tf32")):
+        matmul_precision(torch_setting)
+        assert dot_precision(torch.float32) == expected, torch_setting
+        assert dot_precision(torch.float16) == dot_precision(torch.bfloat16) == "ieee"
+    # torch's newer API (torch.backends.cuda.matmul.fp32_precision) wins where it is set; mixing the two APIs
+    # makes torch.get_float32_matmul_precision() raise, so it must not be asked then.
+    for new_api, expected in (("tf32", "tf32"), ("ieee", "tf32x3")):
+        monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace(fp32_precision=new_api))
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: pytest.fail("legacy API asked"))
+        assert dot_precision(torch.float32) == expected
+
+
+# TF32 keeps 10 mantissa bits, as fp16 does: "high" earns fp16's tolerance; 3xTF32 ("highest") fp32's.
+PRECISIONS = [("highest", "tf32x3", torch.float32), ("high", "tf32", torch.float16)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("torch_setting,dot_prec,tol_dtype", PRECISIONS)
+def test_fp32_precisions_match_float64(torch_setting, dot_prec, tol_dtype, matmul_precision, monkeypatch):
+    """On a GPU this measures the precision's real error; the interpreter computes every input_precision as an
+    fp32 numpy matmul, so there it checks that each precision launches and is passed to every kernel."""
+    from fastbridge.kernels import gated_attention as K
+
+    matmul_precision(torch_setting)
+    launched = guarded_launches(monkeypatch, K)
+    device = kernel_devices()[0]
+    t, kw = make_inputs(2, 4, 2, 37, 37, 70, 32, dict(kpm="partial"), torch.float32, device)
+    dout = torch.randn(2, 4, 37, 32, generator=torch.Generator().manual_seed(1)).to(device)
+    out, grads = run(t, kw, dout, "kernel")
+    out64, g64 = reference64(t, kw, dout)
+    assert_close(out, out64, tol_dtype, f"out ({dot_prec})")
+    for n in NAMES:
+        assert_close(grads[n], g64[n], tol_dtype, f"d{n} ({dot_prec})")
+    assert {kwargs["DOT_PREC"] for _, kwargs in launched} == {dot_prec}
+
+
+# ------------------------------------------------------------- found by adversarial testing (items 13-19)
+@pytest.mark.parametrize("backend", ["reference", pytest.param("kernel", marks=needs_kernels)])
+def test_double_backward(backend):
+    """Second order: the reference backend differentiates its backward; the fused backward raises in
+    fastbridge's words instead of torch's generic error (or silently wrong values)."""
+    device = "cpu" if backend == "reference" else kernel_devices()[0]
+    t, kw = make_inputs(1, 2, 1, 5, 6, 3, 16, dict(), torch.float32, device)
+    leaves = [t[n].detach().requires_grad_(True) for n in NAMES]
+    with fastbridge.use_backend(backend):
+        out = gated_attention(*leaves, **kw)
+    gq, = torch.autograd.grad(out.square().sum(), leaves[0], create_graph=True)
+    if backend == "reference":
+        assert torch.autograd.grad(gq.sum(), leaves[1])[0].abs().sum() > 0
+        return
+    with pytest.raises(NotImplementedError, match="second-order gradients are not supported by "
+                                                  r"fastbridge.ops.gated_attention; .*use_backend\('reference'\)"):
+        torch.autograd.grad(gq.sum(), leaves[1])
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("kernel", marks=needs_kernels)])
+@pytest.mark.parametrize("kpm", [False, True])
+def test_no_main_keys_gives_the_prompt_branch(backend, kpm):
+    """Lk = 0: the main branch contributes 0 on every backend (the reference used to raise IndexError)."""
+    device = "cpu" if backend == "reference" else kernel_devices()[0]
+    t, kw = make_inputs(2, 4, 2, 5, 0, 3, 16, dict(), torch.float32, device)
+    if kpm:
+        kw["key_padding_mask"] = torch.ones(2, 0, dtype=torch.bool, device=device)
+    dout = torch.randn(2, 4, 5, 16).to(device)
+    out, grads = run(t, kw, dout, backend)
+    out64, g64 = reference64(t, kw, dout)
+    q = t["q"].double().cpu()
+    pk, pv = (t[n].double().cpu().repeat_interleave(2, 1) for n in ("prefix_k", "prefix_v"))
+    prompt = torch.softmax(q @ pk.transpose(-1, -2) * 16 ** -0.5, -1) @ pv
+    torch.testing.assert_close(out64, torch.tanh(t["gate"].double().cpu()).view(1, 4, 1, 1) * prompt)
+    assert_close(out, out64, torch.float32, "out")
+    for n in NAMES:
+        assert grads[n].shape == t[n].shape
+        assert_close(grads[n], g64[n], torch.float32, f"d{n}")
+
+
+@pytest.mark.parametrize("change,arg,fragment", [
+    (dict(q=torch.randn(2, 4, 5, 0), k=torch.randn(2, 2, 7, 0), v=torch.randn(2, 2, 7, 0),
+          prefix_k=torch.randn(1, 2, 3, 0), prefix_v=torch.randn(1, 2, 3, 0)), "q", "head dim D >= 1"),
+])
+def test_degenerate_shapes_name_the_argument(change, arg, fragment):
+    t, kw = _good()
+    t.update(change)
+    with pytest.raises(ValueError) as e:
+        gated_attention(*[t[n] for n in NAMES], **kw)
+    assert f"'{arg}'" in str(e.value) and fragment in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0.0, True, "0.5", torch.tensor(0.5)])
+def test_bad_scale_names_the_argument(scale):
+    t, kw = _good()
+    with pytest.raises(ValueError, match="'scale' must be None or a positive float"):
+        gated_attention(*[t[n] for n in NAMES], scale=scale, **kw)
+
+
+def test_numpy_scale_works():
+    np = pytest.importorskip("numpy")
+    t, kw = _good()
+    args = [t[n] for n in NAMES]
+    expect = gated_attention(*args, scale=0.3, **kw)
+    for s in (np.float32(0.3), np.float64(0.3)):
+        torch.testing.assert_close(gated_attention(*args, scale=s, **kw), expect, rtol=1e-6, atol=1e-6)
+
+
+def _bwd_op_args(Lq, device):
+    """Arguments of fastbridge::gated_attention_bwd in transformers' layout: q / k / v / dout (B, L, H, D)
+    projections viewed as (B, H, L, D), a shared prompt, out / lse from the forward op."""
+    B, H, Hkv, Lk, P, D = 2, 4, 2, 6, 3, 16
+    g = torch.Generator().manual_seed(3)
+
+    def hf(L, heads):
+        return torch.randn(B, L, heads, D, generator=g).transpose(1, 2).to(device)
+
+    q, k, v, dout = hf(Lq, H), hf(Lk, Hkv), hf(Lk, Hkv), hf(Lq, H)
+    pk, pv = (torch.randn(1, Hkv, P, D, generator=g).to(device) for _ in range(2))
+    gate = torch.tanh(torch.randn(H, generator=g)).to(device)
+    kpm = (torch.rand(B, Lk, generator=g) > 0.3).to(device)
+    out, lse_m, lse_p = torch.ops.fastbridge.gated_attention(q, k, v, pk, pv, gate, True, 0.25, kpm)
+    return (dout, q, k, v, pk, pv, gate, out, lse_m, lse_p, True, 0.25, kpm)
+
+
+@needs_kernels
+@pytest.mark.parametrize("Lq", [0, 5])
+def test_opcheck_backward_odd_layouts(Lq):
+    """Fake and real backward outputs agree in shape, dtype and strides (Lq = 0 used to keep k's strides)."""
+    args = _bwd_op_args(Lq, kernel_devices()[0])
+    torch.library.opcheck(torch.ops.fastbridge.gated_attention_bwd.default, args)
+    real = torch.ops.fastbridge.gated_attention_bwd(*args)
+    for t, x in zip(real, args[1:7]):
+        assert t.shape == x.shape and t.is_contiguous()
+
+
+@needs_kernels
+def test_tf32x3_that_does_not_fit_runs_ieee_and_says_so_once(matmul_precision, monkeypatch):
+    """3xTF32 stages two TF32 tiles per fp32 operand: where a configuration does not fit (Triton's
+    OutOfResources at launch), the launcher reruns with fp32 FMA dots, once warned; other precisions'
+    OutOfResources propagate. (On CPU the launch failure is simulated.)"""
+    import warnings
+
+    from triton.runtime.errors import OutOfResources
+
+    from fastbridge._backend import FastbridgeFallbackWarning
+    from fastbridge.kernels import _common as KC
+    from fastbridge.kernels import gated_attention as K
+
+    monkeypatch.setattr(KC, "_TF32X3_UNFIT", set())
+    real, tried = K._gated_attn_fwd_kernel, []
+
+    class TooBigFor:
+        def __init__(self, precisions):
+            self.precisions = precisions
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tried.append(kwargs["DOT_PREC"])
+                if kwargs["DOT_PREC"] in self.precisions:
+                    raise OutOfResources(262144, 232448, "shared memory")
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(K, "_gated_attn_fwd_kernel", TooBigFor({"tf32x3"}))
+    device = kernel_devices()[0]
+    t, kw = make_inputs(1, 2, 1, 9, 11, 3, 16, dict(), torch.float32, device)
+    dout = torch.randn(1, 2, 9, 16).to(device)
+    matmul_precision("highest")
+    with pytest.warns(FastbridgeFallbackWarning, match="gated_attention_forward with 3xTF32 fp32 dots"):
+        out, grads = run(t, kw, dout, "kernel")
+    assert tried == ["tf32x3", "ieee"]
+    out64, g64 = reference64(t, kw, dout)
+    assert_close(out, out64, torch.float32, "out")
+    for n in NAMES:
+        assert_close(grads[n], g64[n], torch.float32, f"d{n}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastbridgeFallbackWarning)
+        run(t, kw, dout, "kernel")  # straight to fp32 FMA dots, no second warning
+    assert tried == ["tf32x3", "ieee", "ieee"]
+    matmul_precision("high")
+    monkeypatch.setattr(K, "_gated_attn_fwd_kernel", TooBigFor({"tf32"}))
+    with pytest.raises(OutOfResources):
+        run(t, kw, dout, "kernel")

@@ -25,7 +25,23 @@ CASES = [
     pytest.param(1, 2, 2, 11, 3, 9, 48, dict(vis="random", gate=(2,)), id="d48-non-pow2"),
     pytest.param(1, 2, 1, 17, 2, 19, 128, dict(vis="mllama", gate=None), id="d128"),
     pytest.param(1, 2, 1, 3, 2, 11, 32, dict(vis="random", gate=(), infer_seg=True), id="decode-Lq3-seg-inferred"),
+    # Decode with many key blocks at small B·H: the split-K path (split + combine kernels; the backward reads
+    # the combined lse).
+    pytest.param(1, 2, 1, 3, 12, 7, 16, dict(vis="random", gate=(2,)), id="decode-split-seg7"),
+    pytest.param(1, 4, 2, 5, 9, 40, 16, dict(vis="mllama", gate=()), id="decode-split-Lq5-mllama"),
+    pytest.param(1, 2, 2, 1, 1, 600, 16, dict(vis=None, gate=None), id="decode-split-no-visibility"),
 ]
+
+
+def test_decode_cases_take_the_split_path():
+    from fastbridge.kernels.gated_cross_attention import decode_splits, fwd_config, key_block
+
+    for B, H, Lq, S, seg, D in ((1, 2, 3, 12, 7, 16), (1, 4, 5, 9, 40, 16), (1, 2, 1, 1, 600, 16)):
+        bm, bn, _, _ = fwd_config(D, Lq, 90)
+        bn = key_block(bn, seg)
+        assert decode_splits(B * H, Lq, S * -(-seg // bn), bm, torch.device("cpu")) > 1
+    bm, bn, _, _ = fwd_config(128, 2048, 90)  # a long prefill never splits
+    assert decode_splits(32, 2048, 8 * 26, bm, torch.device("cpu")) == 1
 
 
 def make_visibility(kind, B, Lq, S, g):

@@ -324,6 +324,11 @@ def test_both_cache_keywords_update_the_cache_once(keyword):
     the cache is updated exactly once per call, with PEFT's own forward's result."""
     from transformers import DynamicCache
 
+    from fastbridge.integrations import _compat
+
+    if keyword != _compat.cache_keyword() and _compat.cache_keyword() == "past_key_values":
+        # transformers <= 5.23's own attention ignores cache= (it reads past_key_values=): no reference
+        pytest.skip(f"transformers {transformers.__version__} passes the KV cache as past_key_values=")
     pm = build("llama").eval()
     layer = adapted(pm)[0]
     attn = layer.model
@@ -522,3 +527,22 @@ def test_hf_trainer_bf16_with_gradient_checkpointing(tmp_path, monkeypatch):
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert fb_peft.stats.get("fused", 0) >= 2 * ADAPTER_LAYERS and not any(k.startswith("fallback") for k in fb_peft.stats), dict(fb_peft.stats)
     assert seen and set(seen) == {torch.bfloat16}, seen
+
+
+def test_fastbridge_stats_reports_the_peft_calls():
+    """fastbridge.stats(model): how many PEFT attention calls ran the fused op (kernel or reference) or
+    fell back, and why."""
+    pm = build("llama").eval()
+    fastbridge.patch(pm)
+    fastbridge.reset_stats()
+    try:
+        with torch.no_grad():
+            pm(**batch())
+        st = fastbridge.stats(pm).as_dict()
+        text = str(fastbridge.stats(pm))
+    finally:
+        fastbridge.unpatch(pm)
+    entry = st[fb_peft.NAME]
+    ran = entry["fused"] + entry["reference"]
+    assert ran == ADAPTER_LAYERS and not entry["fallback"], st
+    assert fb_peft.NAME in text

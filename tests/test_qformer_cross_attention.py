@@ -11,6 +11,7 @@ the reference, which is tested here too.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import pytest
@@ -23,6 +24,8 @@ from fastbridge.ops import qformer_cross_attention
 from fastbridge.ops.qformer_cross_attention import dropout_keep_mask, ensure_loaded, philox_rng, smem_shortfall
 
 from conftest import HAS_CUDA, TOL, assert_close
+
+qf_module = sys.modules["fastbridge.ops.qformer_cross_attention"]  # the module (the package exports the function)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,6 +52,9 @@ CASES = [
     pytest.param(2, 2, 2, 45, 45, 64, "add_b1qk_inf", id="selfattn-add-inf-rows"),
     pytest.param(1, 1, 1, 1, 1, 32, "add_k", id="one-key"),
     pytest.param(2, 2, 3, 96, 150, 64, "bool", id="instructblip-96"),
+    # the CUDA backward keeps dQ in shared memory up to Lq = 64 and in a global buffer above
+    pytest.param(2, 2, 2, 64, 70, 32, "bool", id="lq64-dq-smem-edge"),
+    pytest.param(2, 1, 2, 65, 70, 32, None, id="lq65-qbatch1-dq-global"),
 ]
 
 
@@ -202,8 +208,8 @@ def test_dropout_forward_and_backward_use_the_same_mask(device, B, qB, H, Lq, Lk
     and every gradient: so the backward replays exactly the forward's mask."""
     p = 0.3
     q, k, v, mask = make_inputs(B, qB, H, Lq, Lk, D, kind, torch.float32, device, seed=5)
-    gen = torch.Generator().manual_seed(1234)
-    rng = philox_rng(torch.Generator().manual_seed(1234))  # the draw the op makes from `gen`
+    gen = torch.Generator(device=device).manual_seed(1234)
+    rng = philox_rng(torch.Generator(device=device).manual_seed(1234))  # the draw the op makes from `gen`
     dout = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(2)).to(device)
     y, grads = run(q, k, v, mask, dout, dropout_p=p, generator=gen)
     keep = dropout_keep_mask(y, rng, Lk, p)
@@ -252,6 +258,161 @@ def test_cpu_and_cuda_draw_the_same_mask():
     a = dropout_keep_mask(like, rng, 77, 0.25)
     b = dropout_keep_mask(like.cuda(), rng, 77, 0.25)
     assert torch.equal(a, b.cpu())
+
+
+def test_generator_devices():
+    """The dropout [seed, offset] is drawn on q's device, from that device's generator: the CPU generator
+    for CPU tensors (so torch.manual_seed governs them), the CUDA generator for CUDA tensors (GPU test
+    below)."""
+    assert philox_rng().device.type == "cpu"
+    assert philox_rng(torch.Generator().manual_seed(1)).device.type == "cpu"
+    torch.manual_seed(5)
+    a = philox_rng(device="cpu")
+    torch.manual_seed(5)
+    assert torch.equal(a, philox_rng(device=torch.device("cpu")))
+    same = qf_module._same_device
+    assert same(torch.device("cpu"), torch.device("cpu"))
+    assert not same(torch.device("cpu"), torch.device("cuda", 0))
+    assert not same(torch.device("cuda", 0), torch.device("cuda", 1))
+    assert same(torch.device("cuda", 1), torch.device("cuda", 1))
+    q, k, v = _base()
+    with fastbridge.use_backend("kernel"):
+        torch.manual_seed(3)
+        y1 = qformer_cross_attention(q, k, v, dropout_p=0.5)
+        torch.manual_seed(3)
+        y2 = qformer_cross_attention(q, k, v, dropout_p=0.5)
+    assert torch.equal(y1, y2)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_dropout_is_governed_by_the_cuda_generator_and_graph_safe():
+    """CUDA calls draw rng on the device from the CUDA generator (torch.cuda.manual_seed governs them, the
+    CPU seed does not); a CUDA graph replays a new mask each time (the rng is drawn by torch's graph-safe
+    Philox into device memory the kernels read); a host rng under capture is refused."""
+    q, k, v, mask = make_inputs(2, 2, 3, 32, 77, 64, "bool", torch.float16, "cuda", seed=8)
+    f = lambda: qformer_cross_attention(q, k, v, attn_mask=mask, dropout_p=0.3)  # noqa: E731
+    with fastbridge.use_backend("kernel"):
+        torch.cuda.manual_seed(11)
+        torch.default_generator.manual_seed(0)  # the CPU generator only (torch.manual_seed seeds CUDA too)
+        y1 = f()
+        torch.cuda.manual_seed(11)
+        torch.default_generator.manual_seed(1)  # another CPU seed: the same CUDA mask
+        y2 = f()
+        torch.cuda.manual_seed(12)
+        y3 = f()
+        assert torch.equal(y1, y2) and not torch.equal(y1, y3)
+        with pytest.raises(ValueError, match="'generator' must be None or a torch.Generator on q's device"):
+            qformer_cross_attention(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(0))
+        # CUDA graph: capture forward (warm-up first, as torch.cuda.graphs requires), replay twice
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            f()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_static = f()
+        graph.replay()
+        r1 = y_static.clone()
+        graph.replay()
+        r2 = y_static.clone()
+        assert not torch.equal(r1, r2), "a CUDA graph replayed one dropout mask"
+        for r in (r1, r2):
+            assert torch.isfinite(r).all()
+        host_rng = philox_rng(torch.Generator().manual_seed(0))
+        graph2 = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match="CUDA graph capture"):
+            with torch.cuda.graph(graph2):
+                torch.ops.fastbridge.qformer_attn_fwd(q, k, v, mask, None, 0.125, 0.3, host_rng, False)
+
+
+# ------------------------------------------------------------------------------- masked keys
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2], ids=["nodrop", "dropout"])
+def test_masked_keys_influence_nothing(device, dtype, dropout_p):
+    """NaN / +-inf in the k / v rows of keys the bool mask hides change no output and no gradient (bit for
+    bit: the kernels never read those rows), and those keys' dk / dv are 0. Keys masked in both backward
+    key blocks (Lk > 128), a sample with every key masked, D = 64 (fp32 operands read in place) and 40."""
+    for D in (64, 40):
+        if device == "cuda" and D == 40:
+            continue  # the CUDA kernels take head dims 32 / 64 / 128
+        q, k, v, mask = make_inputs(3, 3, 2, 19, 150, D, "bool", dtype, device, seed=12)
+        hidden = ~mask
+        bad_k, bad_v = k.clone(), v.clone()
+        rows = hidden.nonzero()
+        for n, (b, j) in enumerate(rows.tolist()):
+            val = (float("nan"), float("inf"), float("-inf"))[n % 3]
+            bad_k[b, :, j, n % D] = val
+            bad_v[b, :, j] = (float("nan"), float("-inf"), float("inf"))[n % 3]
+        assert hidden[:, :128].any() and hidden[:, 128:].any()
+        dout = torch.randn(3, 2, 19, D, generator=torch.Generator().manual_seed(2)).to(dtype).to(device)
+        kw = dict(dropout_p=dropout_p)
+        outs = []
+        for kk, vv in ((k, v), (bad_k, bad_v)):
+            if dropout_p:
+                kw["generator"] = torch.Generator(device=device).manual_seed(77)
+            outs.append(run(q, kk, vv, mask, dout, **kw))
+        (y, grads), (y_bad, grads_bad) = outs
+        assert torch.equal(y, y_bad), "out"
+        for name, a, e in zip("qkv", grads, grads_bad):
+            assert torch.equal(a, e), f"d{name}"
+        for g in grads_bad[1:]:
+            assert (g.transpose(1, 2)[hidden] == 0).all()  # (B, Lk, H, D)[b, j] of masked keys
+        if not dropout_p:
+            y64, g64 = reference64(q, k, v, mask, dout)
+            assert_close(y_bad, y64, dtype, f"{device}-{dtype}-D{D}: out")
+            for name, a, e in zip("qkv", grads_bad, g64):
+                assert_close(a, e, dtype, f"{device}-{dtype}-D{D}: d{name}")
+
+
+# ------------------------------------------------------------------------------- double backward
+def _double_backward(q, k, v, mask, fn, **kw):
+    """gq = d(sum out^2)/dq with create_graph, then d(sum gq * w)/d(q, k, v) -- the issue's repro, with a
+    weight w so that every second-order term counts."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out = fn(*leaves, attn_mask=mask, **kw)
+    (gq,) = torch.autograd.grad(out.square().sum(), leaves[0], create_graph=True)
+    w = torch.randn(gq.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(gq)
+    return torch.autograd.grad((gq * w).sum(), leaves), gq
+
+
+@pytest.mark.parametrize("kind,qB,dropout_p", [(None, 3, 0.0), ("bool", 3, 0.0), ("bool", 1, 0.0),
+                                               ("add_b1qk_inf", 3, 0.0), ("bool", 3, 0.25)])
+def test_double_backward_matches_float64_reference(kind, qB, dropout_p):
+    """Second-order gradients (create_graph=True) are right: the issue's repro (grad of grad) gave 0 where
+    the reference gives non-zero values."""
+    q, k, v, mask = make_inputs(3, qB, 2, 7, 21, 32, kind, torch.float32, "cpu", seed=9)
+
+    def op(*a, **kw):
+        with fastbridge.use_backend("kernel"):
+            return qformer_cross_attention(*a, **kw)
+
+    kw = {}
+    if dropout_p:
+        kw = dict(dropout_p=dropout_p, generator=torch.Generator().manual_seed(21))
+    (dq2, dk2, dv2), gq = _double_backward(q, k, v, mask, op, **kw)
+    m64 = None if mask is None else (mask if mask.dtype == torch.bool else mask.double())
+    if dropout_p:
+        keep = dropout_keep_mask(torch.empty(3, 2, 7, 32), philox_rng(torch.Generator().manual_seed(21)), 21, dropout_p)
+        ref_fn = lambda q, k, v, attn_mask: _reference_with_keep(q, k, v, attn_mask, keep, dropout_p)  # noqa: E731
+    else:
+        ref_fn = R.qformer_cross_attention
+    (eq2, ek2, ev2), gq64 = _double_backward(q.double(), k.double(), v.double(), m64, ref_fn)
+    assert_close(gq, gq64, torch.float32, "first-order dq")
+    assert ek2.abs().max() > 1e-3  # the repro: the kernel path returned 0 here
+    for name, a, e in (("q", dq2, eq2), ("k", dk2, ek2), ("v", dv2, ev2)):
+        assert_close(a, e, torch.float32, f"second-order d{name}")
+
+
+def test_first_order_backward_still_runs_the_kernel(monkeypatch):
+    """Without create_graph the kernel's backward op runs (the differentiable path is only for graphs)."""
+    calls = []
+    monkeypatch.setattr(qf_module, "_differentiable_grads", lambda *a: calls.append(a))
+    q, k, v, mask = make_inputs(2, 2, 2, 5, 9, 32, "bool", torch.float32, "cpu")
+    dout = torch.randn(2, 2, 5, 32)
+    run(q, k, v, mask, dout)
+    assert not calls
 
 
 # ------------------------------------------------------------------------------- custom-op machinery
@@ -363,6 +524,27 @@ def test_cuda_launch_fits_shared_memory_or_falls_back_with_a_reason():
     assert needed(torch.float32, 128, True) == -1 and needed(torch.float16, 80, False) == -1  # not built
 
 
+def test_cuda_backward_with_dq_in_shared_memory_fits():
+    """The backward that keeps dQ in shared memory (Lq <= 64; csrc/qformer_cuda_layout.h): Pd^T / dS^T are
+    written over S^T / dP^T to make room, so it is no larger than the old backward for BLIP-2's bf16 /
+    fp16 D = 64 and still fits a 99 KB GPU; bf16 / fp16 at D = 128 does not fit an A100 (the global-dQ
+    layout runs there), everything fits an H100; the global-dQ layout is the smallest launch."""
+    ensure_loaded()
+    needed = torch.ops.fastbridge.qformer_cuda_smem_bytes
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for D in ((32, 64, 128) if dt != torch.float32 else (32, 64)):
+            glob, shared = needed(dt, D, True), needed(dt, D, True, True)
+            assert 0 < glob < shared <= SMEM_H100, (dt, D, glob, shared)
+            assert shared - glob == 64 * (D + 4) * 4, (dt, D)  # 64 query rows of fp32 dQ (padded rows)
+    for dt in (torch.float16, torch.bfloat16):
+        assert needed(dt, 64, True, True) == 98944 <= SMEM_RTX
+        assert needed(dt, 32, True, True) <= SMEM_RTX
+        assert needed(dt, 128, True, True) > SMEM_A100 >= needed(dt, 128, True)
+    assert needed(torch.float32, 64, True, True) <= SMEM_A100
+    with pytest.raises(RuntimeError, match="dq_in_smem is a backward launch"):
+        needed(torch.float16, 64, False, True)
+
+
 def _base():
     g = torch.Generator().manual_seed(0)
     return torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 3, 5, 8, generator=g)
@@ -406,3 +588,23 @@ def test_cuda_device_mismatch_and_tf32():
 def test_tolerance_table_is_shared():
     assert TOL[torch.float32] == 1e-4  # the one table (tests/conftest.py); TF32 uses the fp16 entry
     assert os.environ.get("FASTBRIDGE_POISON") == "1"
+
+
+def test_reference_ignores_masked_keys_too():
+    """The reference (the CPU fallback, float64 oracle) also keeps NaN / inf in masked keys out of every row."""
+    from fastbridge import reference as ref
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[0, 1] = False
+    mask[1] = False  # a whole sample masked
+    clean = ref.qformer_cross_attention(q, k, v, attn_mask=mask)
+    kd, vd = k.detach().clone(), v.detach().clone()
+    kd[0, :, 1], vd[0, :, 1] = float("nan"), float("inf")
+    kd[1], vd[1] = float("-inf"), float("nan")
+    kd.requires_grad_(), vd.requires_grad_()
+    dirty = ref.qformer_cross_attention(q, kd, vd, attn_mask=mask)
+    assert torch.equal(dirty, clean)
+    dirty.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(kd.grad).all() and torch.isfinite(vd.grad).all()

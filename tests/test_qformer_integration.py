@@ -294,3 +294,121 @@ def test_dict_form_attn_implementation_switches_only_the_qformer():
         assert model.config.text_config._attn_implementation == "sdpa"
         got = model(**inputs).logits
     assert_close(got, ref, torch.float32, "logits")
+
+
+# ------------------------------------------------------------------------------------------ FSDP2
+# One process (world size 1, gloo): the parameters are DTensors all the same, so this is what per-layer
+# fully_shard does to the batched K/V projection; tests/test_distributed.py runs 2 processes.
+@pytest.fixture
+def process_group():
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    pytest.importorskip("torch.distributed.fsdp")
+    if dist.is_initialized():
+        yield dist
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist
+    finally:
+        dist.destroy_process_group()
+
+
+def blip2_six_layers():
+    """6 Q-Former layers: cross-attention in layers 0, 2 and 4."""
+    torch.manual_seed(0)
+    cfg = transformers.Blip2Config(vision_config=VISION, qformer_config=dict(QFORMER, num_hidden_layers=6),
+                                   text_config=OPT, num_query_tokens=N_QUERY, image_token_index=IMAGE_TOKEN)
+    model = transformers.Blip2ForConditionalGeneration(cfg)
+    ids = torch.cat([torch.full((B, N_QUERY), IMAGE_TOKEN), torch.randint(3, 90, (B, 7), generator=_g(2))], 1)
+    return model, dict(pixel_values=torch.randn(B, 3, 32, 32, generator=_g(1)), input_ids=ids, labels=ids)
+
+
+def _full_grads(grads):
+    return {n: (g.full_tensor() if hasattr(g, "full_tensor") else g) for n, g in grads.items()}
+
+
+# layout -> (modules sharded before the root, batched GEMMs per forward, K/V projections in them)
+FSDP_LAYOUTS = {
+    "whole": (lambda m: [], 1, 6),
+    "encoder": (lambda m: [m.qformer.encoder], 1, 6),
+    "per-layer": (lambda m: list(m.qformer.encoder.layer), 0, 0),  # one cross-attention layer per unit
+    "layer-4-only": (lambda m: [m.qformer.encoder.layer[4]], 1, 4),  # layers 0 and 2 still share a unit
+    "per-layer-patched-after-fully_shard": (lambda m: list(m.qformer.encoder.layer), 0, 0),
+}
+
+
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")
+@pytest.mark.parametrize("layout", list(FSDP_LAYOUTS))
+def test_fsdp2_sharding_layouts(layout, process_group):
+    """fully_shard per Q-Former layer failed ("aten.addmm.default got mixed torch.Tensor and DTensor": the
+    batched K/V GEMM read the layers' weights before their FSDP units unsharded them). Every layout now
+    gives the unsharded, unpatched model's logits, loss and gradients; K/V projections are batched within
+    an FSDP unit and per layer across units, with a one-time notice."""
+    import copy
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    model, inputs = blip2_six_layers()
+    model.train()
+    expected = train_step(copy.deepcopy(model), inputs)
+    patch_last = layout.endswith("patched-after-fully_shard")
+    if not patch_last:
+        fastbridge.patch(model)
+    inner, n_batches, n_linears = FSDP_LAYOUTS[layout]
+    for m in inner(model):
+        fully_shard(m)
+    fully_shard(model)
+    if patch_last:
+        fastbridge.patch(model)
+    QF._warned.clear()
+    calls = []
+    orig = QF._KVBatch.compute
+    try:
+        QF._KVBatch.compute = lambda self, x: (calls.append(len(self.linears)), orig(self, x))[1]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            logits, loss, grads = train_step(model, inputs)
+            train_step(model, inputs)  # the notice is shown once
+    finally:
+        QF._KVBatch.compute = orig
+    assert calls == [n_linears] * n_batches * 2, calls
+    notices = [w for w in caught if issubclass(w.category, fastbridge.FastbridgeFallbackWarning)]
+    sharded_apart = layout != "whole" and layout != "encoder"
+    assert len(notices) == int(sharded_apart), [str(w.message) for w in notices]
+    if sharded_apart:
+        assert "sharded separately" in str(notices[0].message)
+    assert_same_step((logits, loss, _full_grads(grads)), expected, f"FSDP2 {layout}")
+
+
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module", "ignore::fastbridge.FastbridgeFallbackWarning")
+def test_fsdp2_per_layer_mixed_precision(process_group):
+    """Per-layer fully_shard with MixedPrecisionPolicy (bf16 compute, fp32 reduction): the patched model
+    matches the unpatched one under the same policy (bf16 tolerances)."""
+    import copy
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model, inputs = blip2_six_layers()
+    model.train()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    results = []
+    for patched in (False, True):
+        m = copy.deepcopy(model)
+        if patched:
+            fastbridge.patch(m)
+        for layer in m.qformer.encoder.layer:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(m, mp_policy=policy)
+        logits, loss, grads = train_step(m, inputs)
+        results.append((logits.float(), loss.float(), _full_grads(grads)))
+    (le, lossE, ge), (lg, lossG, gg) = results
+    assert_close(lg, le, torch.bfloat16, "bf16 logits")
+    assert_close(lossG, lossE, torch.bfloat16, "bf16 loss")
+    assert set(gg) == set(ge)
+    for n in ge:
+        if ".qformer." in f".{n}" or n.startswith("qformer."):
+            assert gg[n].dtype == torch.float32, n  # sharded fp32 parameters, fp32 gradients
+            assert_close(gg[n], ge[n], torch.bfloat16, f"bf16 grad {n}")

@@ -31,6 +31,12 @@ def test_every_cu_compiles_for_sm80_and_sm90a(ptxas_rows):
         assert any("qf_fwd_kernel" in n for n in names), (arch, names)
         assert any("qf_bwd_kernel" in n for n in names), (arch, names)
         assert any("qf_keep_kernel" in n for n in names), (arch, names)
+        # the backward in both dQ placements (last template argument: dQ in shared memory), per config
+        bwd = {n.rsplit(",", 1)[0]: set() for n in names if "qf_bwd_kernel" in n}
+        for n in names:
+            if "qf_bwd_kernel" in n:
+                bwd[n.rsplit(",", 1)[0]].add(n.rsplit(",", 1)[1].strip(" >"))
+        assert len(bwd) == 10 and all(v == {"true", "false"} for v in bwd.values()), (arch, bwd)
 
 
 def test_no_kernel_spills(ptxas_rows):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,9 +155,17 @@ def test_demo_test_sized_end_to_end(tmp_path):
     """The README's main command at test size: data through datasets, scores through pycocoevalcap, plots,
     eager vs fastbridge comparison, only the bridge checkpointed."""
     out = tmp_path / "demo"
+    repo = Path(__file__).resolve().parents[1]  # run from the repository root: this checkout's fastbridge
     r = _cli(["demo", "--size", "test", "--bridge", "llama-adapter,qformer", "--compare", "--no-progress",
-              "--out", str(out)], tmp_path)
+              "--out", str(out)], repo)
     assert r.returncode == 0, r.stderr[-4000:]
+    # it says what it will do before doing it, and says each thing once
+    assert r.stdout.startswith("fastbridge demo: 2 bridge(s) (llama-adapter, qformer), size test"), r.stdout[:500]
+    assert "Rough total:" in r.stdout.split("\n| bridge")[0]
+    assert "caption_metrics: BLEU-1" not in r.stderr and "PTBTokenizer tokenized" not in r.stderr
+    assert r.stderr.count("fastbridge.patch:") == 2, r.stderr  # one report per bridge (fastbridge run)
+    demo_md = (out / "demo.md").read_text()
+    assert "How to read it" in demo_md and "**Device:**" in demo_md and "torch " in demo_md
     summary = json.loads((out / "demo.json").read_text())
     assert [row["bridge"] for row in summary["rows"]] == ["llama-adapter", "qformer"]
     for row in summary["rows"]:
@@ -207,8 +216,10 @@ def test_train_resume_matches_uninterrupted(tmp_path):
     loop.run(loop.TrainConfig(out_dir=str(tmp_path / "b"), steps=6, stop_at=3, **base), eval_before=False)
     b = loop.run(loop.TrainConfig(out_dir=str(tmp_path / "b"), steps=6, resume=True, **base), eval_before=False)
     assert b["resumed_from_step"] == 3
-    assert len(b["losses"]) == 3
-    assert b["losses"] == pytest.approx(a["losses"][3:], rel=1e-5, abs=1e-6)
+    assert len(b["losses"]) == 6  # the whole run: the first 3 losses come from the checkpoint
+    assert b["losses"] == pytest.approx(a["losses"], rel=1e-5, abs=1e-6)
+    saved = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert len(saved["losses"]) == 6 and len(saved["step_times"] if "step_times" in saved else b["losses"]) == 6
     from safetensors.torch import load_file
 
     wa, wb = load_file(str(tmp_path / "a" / "bridge.safetensors")), load_file(str(tmp_path / "b" / "bridge.safetensors"))
@@ -275,3 +286,149 @@ def test_train_from_local_pretrained_checkpoint(bridge, tokenizer, tmp_path):
     assert not list(tmp_path.glob("base-*")), "a pretrained base needs no warm-up"
     m = loop.run(cfg, prepared=p, eval_before=False)
     assert len(m["losses"]) == 2
+
+
+# ------------------------------------------------------------------------------------- CLI: bad input
+@pytest.mark.parametrize("args, fragment", [
+    (["--steps", "-3"], "argument --steps: must be a positive integer, got -3"),
+    (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+    (["--device", "cuda"], "torch sees no CUDA device"),
+    (["--tasks", "caption,vqq"], "argument --tasks: must be a comma list of caption, vqa, got 'caption,vqq'"),
+    (["--coco-captions", "/no/such/captions.json", "--coco-images", "."], "argument --coco-captions: no such file"),
+    (["--pretrained", "/no/such/dir"], "argument --pretrained: no such directory: /no/such/dir"),
+    (["--save-every", "-1"], "argument --save-every: must be an integer >= 0"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+@pytest.mark.parametrize("cmd", ["train", "demo"])
+def test_cli_bad_input_is_one_line_exit_2(cmd, args, fragment, tmp_path, capsys, monkeypatch):
+    from fastbridge.cli import main
+
+    if args[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    if cmd == "demo" and args[0] in ("--pretrained", "--save-every"):
+        pytest.skip("not a demo option")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--size", "test", "--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.count("\n") == 1 and fragment in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir()), "nothing may be made before the check"
+
+
+def test_pretrained_dir_is_checked_for_its_files(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(ValueError, match=r"has no config.json"):
+        loop.TrainConfig(bridge="qformer", pretrained=str(tmp_path / "ckpt"))
+    with pytest.raises(ValueError, match=r"has no vision/config.json, lm/config.json"):
+        loop.TrainConfig(bridge="mlp", pretrained=str(tmp_path / "ckpt"))
+
+
+# ------------------------------------------------------------------------------ checkpoints / signals
+_KILL_SCRIPT = """
+import sys, os, torch
+from pathlib import Path
+from torch import nn
+from fastbridge.train import loop
+out = Path(sys.argv[1])
+torch.manual_seed(0)
+model = nn.Linear(8, 4)
+opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+cfg = loop.TrainConfig(bridge="mlp", size="test", out_dir=str(out), steps=10)
+def step():
+    model(torch.randn(2, 8)).sum().backward(); opt.step(); opt.zero_grad()
+step()
+loop.save_checkpoint(model, opt, 2, cfg, out, {"losses": [1.0, 0.5], "step_times": [0.1, 0.1]})
+torch.save(model.state_dict(), out / "expected.pt")
+step()
+os.environ["FASTBRIDGE_TEST_PAUSE_IN_WRITE"] = sys.argv[2]  # the next write stops half way: killed there
+loop.save_checkpoint(model, opt, 4, cfg, out, {"losses": [1.0, 0.5, 0.4, 0.3], "step_times": [0.1] * 4})
+"""
+
+
+def test_checkpoint_write_killed_midway_leaves_the_previous_one(tmp_path):
+    """A kill during a checkpoint write (SIGKILL: nothing runs after it) leaves the previous checkpoint
+    whole and loadable: files are written to a temporary name and renamed over the old one."""
+    import signal
+    import time
+
+    from torch import nn
+
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    out.mkdir()
+    p = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(out), str(marker)], cwd=os.getcwd())
+    try:
+        deadline = time.time() + 600
+        while not (marker.exists() and marker.read_text().endswith(".tmp")):
+            assert p.poll() is None, f"the writer exited with {p.returncode} before pausing"
+            assert time.time() < deadline
+            time.sleep(0.2)
+        assert Path(marker.read_text()).exists()  # the new checkpoint's temporary file is on disk
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    model = nn.Linear(8, 4)
+    cfg = loop.TrainConfig(bridge="mlp", size="test", out_dir=str(out), steps=10)
+    step, opt_state, history = loop.load_checkpoint(model, cfg, out)
+    assert step == 2 and history["losses"] == [1.0, 0.5] and opt_state["state"]
+    expected = torch.load(out / "expected.pt")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=0)
+    fastbridge.load_trainable(nn.Linear(8, 4), out / "bridge.safetensors")  # the bridge file is whole too
+
+
+def test_sigint_checkpoints_then_resume_holds_the_whole_run(tmp_path):
+    """Ctrl-C during `fastbridge train`: the step finishes, a checkpoint is written, one line says how to
+    resume, exit code 130, no traceback. --resume then finishes the run, and metrics.json / loss.png hold
+    all of it, with the "before" scores of the first start."""
+    out = tmp_path / "run"
+    args = ["train", "--bridge", "mlp", "--size", "test", "--steps", "8", "--n-train", "12", "--n-val", "4",
+            "--tasks", "caption", "--no-progress", "--out", str(out), "--data-dir", str(tmp_path / "data")]
+    repo = Path(__file__).resolve().parents[1]  # run from the repository root: this checkout's fastbridge
+    r = _cli(args, repo, {"FASTBRIDGE_TEST_SIGINT_AT_STEP": "3"})
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "interrupted (SIGINT) at step 3/8; checkpoint saved in" in last and "--resume" in last, last
+    assert (out / "checkpoint.safetensors").exists() and not (out / "metrics.json").exists()
+    r2 = _cli([*args, "--resume"], repo)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["resumed_from_step"] == 3 and len(m["losses"]) == 8
+    assert m["before"] and m["before"]["caption"] and m["after"]["caption"]
+    row = next(line for line in r2.stdout.splitlines() if line.startswith("| mlp |"))
+    bleu4 = row.split("|")[3].strip()  # "before → after": the before score survives the resume (not "—")
+    assert " → " in bleu4 and not bleu4.startswith("—"), row
+    assert (out / "loss.png").exists()
+
+
+def test_demo_plan_and_markdown(tmp_path):
+    from fastbridge.train.cli import demo_markdown, demo_plan
+
+    cfgs = {b: loop.TrainConfig(bridge=b, size="tiny", out_dir=str(tmp_path / b), n_train=2000, n_val=100,
+                                steps=1500, warmup_lm_steps=3000, warmup_vision_steps=600)
+            for b in ("llama-adapter", "qformer")}
+    lines = demo_plan(cfgs, False, "cpu")
+    assert lines[0].startswith("fastbridge demo: 2 bridge(s) (llama-adapter, qformer), size tiny, on cpu")
+    assert any("3,000 text-only steps" in ln for ln in lines) and any("train 1,500 steps" in ln for ln in lines)
+    assert lines[-1].startswith("Rough total: about 6 min")  # the default demo: the measured 6.1 min
+    assert demo_plan(cfgs, True, "cpu")[-1].startswith("Rough total: about 9 min")  # 6.1 x 9600 / 6600
+    assert "not measured" in demo_plan(cfgs, False, "cuda")[-1]
+    summary = json.loads((Path(__file__).resolve().parents[1] / "docs/demo/cpu-2-core/demo.json").read_text())
+    md = demo_markdown(summary)
+    for needle in ("**Device:** cpu (2 cores)", "git 364555c", "transformers 5.23.0", "`a → b`", "VQA acc: the "
+                   "official VQA soft accuracy, in %", "step ms", "0.094 → 0.283"):
+        assert needle in md, needle
+
+
+def test_ctrl_c_outside_the_training_steps_is_one_line(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while data is made or a base warms up: one line, exit code 130, no traceback."""
+    from fastbridge.cli import main
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "prepare", interrupted)
+    rc = main(["train", "--bridge", "mlp", "--size", "test", "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 130 and err.count("\n") == 1 and "interrupted (SIGINT)" in err and "Traceback" not in err, err

@@ -525,15 +525,16 @@ def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Has
         java: None (default) uses Java when ``java -version`` works, unless FASTBRIDGE_JAVA=0;
             False never uses it (pure-Python tokenizer, no METEOR/SPICE); True requires it and
             raises RuntimeError when it is unavailable.
-        log: callable receiving progress messages (default: the "fastbridge" logger at INFO;
-            the one-time "no Java" notice goes to its WARNING level).
+        log: callable receiving progress messages -- each metric's value, PTBTokenizer's own output
+            (default: the "fastbridge" logger at DEBUG level, shown by ``--verbose``; the one-time
+            "no Java" notice goes to its WARNING level).
 
     Returns:
         CaptionScores (``scores``, ``per_image``, ``skipped``, ``tokenizer``, ``to_dict()``).
     """
     ids, preds, refs = _validate(predictions, references)
     wanted = _resolve_metrics(metrics, spice)
-    info = log if log is not None else _logger.info
+    info = log if log is not None else _logger.debug
     warn = log if log is not None else _logger.warning
     pkg_dir = _pycocoevalcap_dir()
     from pycocoevalcap.bleu.bleu import Bleu

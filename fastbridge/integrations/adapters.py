@@ -227,7 +227,7 @@ def _device_dtype(lin: nn.Module):
 def add_adapters(model: nn.Module, r: Optional[int] = None, *, preset: str = "blip",
                  reduction_factor: Optional[int] = None, activation: Optional[str] = None,
                  layer_norm: Optional[bool] = None, gate: bool = False, scale: float = 1.0,
-                 targets: Union[None, str, Iterable[str]] = None, freeze: bool = True, verbose: bool = True,
+                 targets: Union[None, str, Iterable[str]] = None, freeze: bool = True, verbose: bool = False,
                  **adapter_kwargs) -> AdapterReport:
     """Insert one BottleneckAdapter after the FFN of each transformer block of ``model`` (in place).
 
@@ -245,7 +245,8 @@ def add_adapters(model: nn.Module, r: Optional[int] = None, *, preset: str = "bl
       freeze: set requires_grad=False on every parameter that is not a BottleneckAdapter parameter
         (anything trainable before, e.g. a LoRA, included); ``remove_adapters`` sets it back on
         exactly the parameters frozen here.
-      verbose: print the report (else it is logged at INFO level).
+      verbose: also print the report (default: returned, and logged at INFO level on the "fastbridge"
+        logger, silent unless logging is configured).
       adapter_kwargs: further BottleneckAdapter arguments (bias, ln_eps, init, learnable_scale, dtype).
 
     Each adapter has d_model = the Linear's out_features, lives on the Linear's device in float32

@@ -1,6 +1,9 @@
 """The integrations fastbridge.patch knows. Each later integration adds a register_integration call."""
 from __future__ import annotations
 
+import dataclasses
+
+from .._backend import describe_extension, describe_triton
 from ..modules.adapter import BottleneckAdapter
 from ..patch import Integration, register_integration
 
@@ -21,6 +24,7 @@ register_integration(Integration(
     patch=_set_fused(True),
     unpatch=_set_fused(False),
     fused_by_default=True,
+    backend=describe_triton,
 ))
 
 
@@ -35,13 +39,17 @@ register_integration(Integration(
     patch=_set_fused(True),
     unpatch=_set_fused(False),
     fused_by_default=True,
+    backend=describe_triton,
 ))
 try:
     from .peft import integration as _peft_integration  # noqa: E402
 except ImportError:  # pragma: no cover - keeps fastbridge importable whatever happens to that file's imports
     _peft_integration = None
 if _peft_integration is not None:
-    register_integration(_peft_integration())
+    _peft = _peft_integration()
+    if _peft.backend is None:  # its fused path is gated_attention (Triton)
+        _peft = dataclasses.replace(_peft, backend=describe_triton)
+    register_integration(_peft)
 
 
 # BLIP-2 / InstructBLIP Q-Former (transformers): attn_implementation "fastbridge" for the Q-Former only,
@@ -54,6 +62,7 @@ register_integration(Integration(
     matches=_qformer.matches,
     patch=_qformer.patch,
     unpatch=_qformer.unpatch,
+    backend=describe_extension,
 ))
 
 

@@ -56,7 +56,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import _backend, _stats
 from .._backend import FastbridgeFallbackWarning
+from ..ops.gated_attention import _kernel_unavailable as _ga_kernel_unavailable
 from ..ops import _autocast, gated_attention
 from . import _compat
 
@@ -71,7 +73,8 @@ _SAVED = "_fastbridge_peft_saved"  # (attribute name, whether an instance attrib
 _UNSUPPORTED_KWARGS = ("position_bias", "softcap", "s_aux", "sinks", "cu_seq_lens_q", "cu_seq_lens_k",
                        "max_length_q", "max_length_k", "is_causal")
 
-# How many calls took each path, for tests and diagnostics: "fused" and "fallback: <reason>".
+# How many calls took each path, for tests and diagnostics: "fused" and "fallback: <reason>" (users:
+# fastbridge.stats(model), which also tells fused kernels from the reference).
 stats: Counter = Counter()
 _warned: set[str] = set()
 
@@ -135,12 +138,13 @@ def _original(module: nn.Module):
 def _fallback(module: nn.Module, reason: str, kwargs, args=()):
     if not torch.compiler.is_compiling():  # counted and announced eagerly (a warning would break the graph)
         stats[f"fallback: {reason}"] += 1
+        _stats.record(NAME, "fallback", reason)
         if reason not in _warned:
             _warned.add(reason)
             msg = (f"fastbridge ({NAME}): running PEFT's original AdaptedAttention forward ({reason}); results "
                    "are the same, only speed and memory differ. This message is shown once.")
             logger.info(msg)
-            warnings.warn(msg, FastbridgeFallbackWarning, stacklevel=4)
+            warnings.warn(msg, FastbridgeFallbackWarning, stacklevel=_backend.user_stacklevel())
     return _original(module)(*args[1:], **kwargs)
 
 
@@ -326,6 +330,7 @@ def _fused_forward(self: nn.Module, rope, **kwargs):
         out = out + attn.o_proj.bias  # PEFT's o_proj(main) + o_proj(prompt) adds the bias twice
     if not torch.compiler.is_compiling():
         stats["fused"] += 1
+        _stats.record_op(NAME, lambda: _ga_kernel_unavailable(q, (k, v, pk, pv, self.adaption_gate)))
     return out.to(out_dtype), None
 
 

@@ -29,6 +29,8 @@ from typing import Optional
 
 import torch
 
+from .. import _backend, _stats
+
 NAME = "fastbridge"
 
 __all__ = ["NAME", "fastbridge_attention_forward", "register", "is_registered", "fallback_reason"]
@@ -74,8 +76,6 @@ def fallback_reason(module, query, key, value, attention_mask, is_causal=None, *
             return f"attention mask of shape {tuple(shape)} does not fit {want}"
         if attention_mask.dtype != torch.bool and not attention_mask.is_floating_point():
             return f"attention mask of dtype {attention_mask.dtype}"
-    from .. import _backend
-
     if _backend.current_backend() == "auto":  # "kernel" raises in the op instead; "reference" runs the reference
         mask = None if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask
         return _kernel_unavailable(query, mask, key, value)
@@ -101,10 +101,15 @@ def fastbridge_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
     """transformers AttentionInterface function ``"fastbridge"``: (B, H, L, D) in, ((B, L, H, D), None) out."""
     reason = fallback_reason(module, query, key, value, attention_mask, is_causal=is_causal, **kwargs)
     if reason is not None:
+        _stats.record(_stats.ATTENTION, "fallback", f"transformers' SDPA: {reason}")
         return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                        is_causal=is_causal, **kwargs)
     from ..ops import qformer_cross_attention
 
+    if _backend.current_backend() == "reference":
+        _stats.record(_stats.ATTENTION, "reference", "backend 'reference' selected")
+    else:
+        _stats.record(_stats.ATTENTION, "fused")
     B, Lq, Lk = key.shape[0], query.shape[2], key.shape[2]
     mask = _convert_mask(attention_mask, B, Lq, Lk)
     out = qformer_cross_attention(query, key, value, attn_mask=mask, scale=scaling, dropout_p=float(dropout))

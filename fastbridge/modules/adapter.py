@@ -8,8 +8,12 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
+from .. import _stats
 from .. import reference as ref
 from ..ops import adapter_block
+from ..ops.adapter_block import _kernel_unavailable
+
+STATS_NAME = "fastbridge.BottleneckAdapter"  # fastbridge.stats(): this module's calls
 
 # AdapterHub's presets (HoulsbyConfig / PfeifferConfig: reduction factor 16, swish / relu), and the
 # BLIP adapter study's residual bottleneck after each FFN (r = 64 at d = 768, GELU as in BLIP's FFN).
@@ -32,6 +36,8 @@ class BottleneckAdapter(nn.Module):
     Parameters may be kept in float32 while activations run in half precision: they are cast to x's
     dtype in forward (differentiably), as autocast would.
     """
+
+    _fastbridge_stats_name = STATS_NAME
 
     def __init__(self, d_model: int, r: Optional[int] = None, *, reduction_factor: Optional[int] = None,
                  activation: str = "gelu", layer_norm: bool = False, ln_eps: float = 1e-5, bias: bool = True,
@@ -106,7 +112,9 @@ class BottleneckAdapter(nn.Module):
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         wd, bd, wu, bu, ln_w, ln_b, eps = self._params(x.dtype)
         if not self.fused:
+            _stats.record(STATS_NAME, "fallback", "fused=False (fastbridge.unpatch): the eager composition")
             return self._eager(x, residual, wd, bd, wu, bu, ln_w, ln_b, eps)
+        _stats.record_op(STATS_NAME, lambda: _kernel_unavailable(x, self.d_model, self.r))
         return adapter_block(x, wd, bd, wu, bu, ln_weight=ln_w, ln_bias=ln_b, eps=eps, activation=self.activation,
                              scale=self.scale, gate=self.gate, residual=residual)
 

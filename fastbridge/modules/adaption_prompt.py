@@ -26,8 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _stats
 from .. import reference as ref
 from ..ops import gated_attention
+from ..ops.gated_attention import _kernel_unavailable
+
+STATS_NAME = "fastbridge.AdaptionPromptAttention"  # fastbridge.stats(): this module's calls
 
 __all__ = ["AdaptionPromptAttention", "DynamicPromptGenerator", "rotate_half", "apply_rotary"]
 
@@ -85,6 +89,8 @@ class AdaptionPromptAttention(nn.Module):
     Parameters may stay fp32 while activations run in bf16/fp16: the prompt is cast to the activations'
     dtype before the (shared) projections.
     """
+
+    _fastbridge_stats_name = STATS_NAME
 
     def __init__(self, hidden_size: int, num_heads: int, prompt_len: int = 10, *, num_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, gate: str = "head", gate_fn: str = "tanh", bias: bool = False,
@@ -278,9 +284,11 @@ class AdaptionPromptAttention(nn.Module):
         pk, pv = self.project_prompt(self._prompt(B, x.dtype, prompt, prompt_add))
         pk, pv = pk.to(q.dtype), pv.to(q.dtype)
         if self.fused:
+            _stats.record_op(STATS_NAME, lambda: _kernel_unavailable(q, (k, v, pk, pv, self.adaption_gate)))
             out = gated_attention(q, k, v, pk, pv, self.adaption_gate, causal=self.causal, scale=self.scale,
                                   gate_fn=self.gate_fn, key_padding_mask=kpm)
         else:
+            _stats.record(STATS_NAME, "fallback", "fused=False (fastbridge.unpatch): the eager composition")
             out = self._eager(q, k, v, pk, pv, kpm)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))
 
@@ -333,7 +341,9 @@ class DynamicPromptGenerator(nn.Module):
             starts from its learned prompt alone).
 
     ``forward(embeddings, mask=None)``: embeddings (B, E) or (B, T, E); mask (B, T) bool / 0-1, True = a
-    real token. Returns (B, P, hidden) in the embeddings' dtype.
+    real token (pool "mean" / "attention"; "tokens" refuses a mask): padded positions influence no prompt,
+    whatever they hold, and a sample with no real token pools to the zero vector. Returns (B, P, hidden) in
+    the embeddings' dtype.
     """
 
     def __init__(self, embed_dim: int, hidden_size: int, prompt_len: int, *, pool: str = "mean",
@@ -393,24 +403,28 @@ class DynamicPromptGenerator(nn.Module):
         if e.dim() == 2 and self.pool != "mean":
             _fail(owner, "embeddings", f"(B, T, {self.embed_dim}) token embeddings with pool={self.pool!r} "
                                        "((B, E) vectors need pool='mean')", _shape(e))
+        if mask is not None and self.pool == "tokens":
+            _fail(owner, "mask", "None with pool='tokens' (each of the T = P tokens becomes a prompt token, and a "
+                                 "prompt has no padding: pass only real tokens, or use pool='mean' / 'attention')",
+                  "a mask")
+        if mask is not None:  # padded positions are zeroed, so no value there (NaN included) reaches a prompt
+            e = e.masked_fill(~mask.unsqueeze(-1), 0.0)
         if self.pool == "mean":
             if e.dim() == 3:
                 if mask is None:
                     e = e.mean(dim=1)
-                else:
-                    w = mask.to(e.dtype).unsqueeze(-1)
-                    e = (e * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+                else:  # a sample with no real token pools to 0
+                    e = e.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp_min(1).to(e.dtype)
             h = self._project(e).view(B, self.prompt_len, self.hidden_size)
         elif self.pool == "tokens":
             if e.shape[1] != self.prompt_len:
                 _fail(owner, "embeddings", f"T = prompt_len = {self.prompt_len} tokens with pool='tokens'",
                       f"T = {e.shape[1]}")
             h = self._project(e)
-        else:  # attention pooling: P learned queries over the T tokens
-            scores = torch.einsum("pe,bte->bpt", self.queries.to(e.dtype), e) / math.sqrt(self.embed_dim)
-            if mask is not None:
-                scores = scores.masked_fill(~mask.unsqueeze(1), torch.finfo(scores.dtype).min)
-            h = self._project(torch.softmax(scores.float(), dim=-1).to(e.dtype) @ e)
+        else:  # attention pooling: P learned queries over the real tokens; a sample with none pools to 0
+            scores = torch.einsum("pe,bte->bpt", self.queries.to(e.dtype), e).float() / math.sqrt(self.embed_dim)
+            visible = None if mask is None else mask.unsqueeze(1)
+            h = self._project(ref._masked_softmax(scores, visible).to(e.dtype) @ e)
         if self.norm is not None:
             h = self.norm(h)
         return h.to(out_dtype)

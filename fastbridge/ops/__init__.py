@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.abc
+import importlib.machinery
+import sys
 from pathlib import Path
-
-import torch._inductor.config as _inductor_config
 
 from .adapter_block import adapter_block
 from .gated_attention import gated_attention
@@ -26,7 +27,7 @@ def source_tag(dirs) -> str:
     return h.hexdigest()[:16]
 
 
-def _tag_compile_caches() -> None:
+def _tag_compile_caches(_inductor_config) -> None:
     """torch.compile's on-disk caches (FX graph, AOTAutograd) key a custom op by its name, not by what
     implements it: after fastbridge's ops change (an upgrade, an edited kernel) a cached graph would call
     them under the old contract -- a failed shape assert at best, wrong gradients at worst. The inductor
@@ -46,4 +47,33 @@ def _tag_compile_caches() -> None:
                                                           _CACHE_KEY: tag}
 
 
-_tag_compile_caches()
+_INDUCTOR_CONFIG = "torch._inductor.config"
+
+
+class _TagWhenInductorLoads(importlib.abc.MetaPathFinder):
+    """Tags torch._inductor.config right after it is imported. Importing it here would import
+    torch._dynamo (about 1 s of ``import fastbridge``); nothing compiles before it is imported."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _INDUCTOR_CONFIG:
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)  # one shot
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_and_tag(module):
+            exec_module(module)
+            _tag_compile_caches(module)
+
+        loader.exec_module = exec_and_tag
+        return spec
+
+
+if _INDUCTOR_CONFIG in sys.modules:
+    _tag_compile_caches(sys.modules[_INDUCTOR_CONFIG])
+elif not any(isinstance(f, _TagWhenInductorLoads) for f in sys.meta_path):
+    sys.meta_path.insert(0, _TagWhenInductorLoads())

@@ -1,6 +1,8 @@
 """Input validation shared by every fastbridge op: errors name the argument and what was expected."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -55,7 +57,43 @@ def choice(op: str, arg: str, value, options: Sequence) -> None:
         fail(op, arg, f"one of {tuple(options)}", repr(value))
 
 
+def real_number(op: str, arg: str, value, expected: str, *, positive: bool = False) -> float:
+    """A finite real number (int, float, NumPy scalar; not a bool), > 0 if ``positive``, as a Python float."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)  # NumPy's bool_ is no numbers.Real
+    if ok:
+        value = float(value)
+        ok = math.isfinite(value) and (value > 0 or not positive)
+    if not ok:
+        fail(op, arg, expected, repr(value))
+    return value
+
+
+def unit_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit stride along its last dim: itself; a view re-strided to 1 where that dim has size 1 or
+    ``t`` has no element (the stride is never used, and .contiguous() keeps such odd strides); otherwise a
+    contiguous copy."""
+    if t.stride(-1) == 1:
+        return t
+    if t.shape[-1] == 1:
+        return t.squeeze(-1).unsqueeze(-1)
+    if t.numel() == 0:
+        return t.as_strided(t.shape, (*t.stride()[:-1], 1))
+    return t.contiguous()
+
+
 def as_rows(t: torch.Tensor, d: int) -> torch.Tensor:
     """(..., d) -> (N, d) with unit stride along d: a view where possible (rows may have any stride)."""
-    t2 = t.reshape(-1, d)
-    return t2 if t2.stride(-1) == 1 or t2.numel() == 0 else t2.contiguous()
+    return unit_last(t.reshape(-1, d))
+
+
+def no_double_backward(op: str):
+    """register_autograd's backward for an op's backward custom op: differentiating fastbridge's fused backward
+    (torch.autograd.grad(..., create_graph=True) followed by another grad) raises in fastbridge's words."""
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"second-order gradients are not supported by fastbridge.ops.{op}; its fused backward is not "
+            f"differentiable. Use fastbridge.use_backend('reference') (plain PyTorch autograd) for double "
+            f"backward (gradient penalties, Hessian-vector products, MAML).")
+
+    return backward

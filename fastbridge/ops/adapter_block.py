@@ -41,6 +41,7 @@ def _adapter_block_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..kernels.adapter_block import adapter_forward
 
+    x, residual = V.unit_last(x), None if residual is None else V.unit_last(residual)  # the kernels' row layout
     return adapter_forward(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, s, residual)
 
 
@@ -48,7 +49,8 @@ def _adapter_block_op(
 def _(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, s, residual):
     n, r = x.shape[0], w_down.shape[0]
     n_stats = n if ln_weight is not None else 0
-    return (torch.empty_like(x), x.new_empty((n, r)), x.new_empty((n_stats,), dtype=torch.float32),
+    # As the kernels allocate: fresh contiguous outputs, whatever the inputs' strides.
+    return (x.new_empty(x.shape), x.new_empty((n, r)), x.new_empty((n_stats,), dtype=torch.float32),
             x.new_empty((n_stats,), dtype=torch.float32))
 
 
@@ -62,6 +64,7 @@ def _adapter_block_bwd_op(
     """[dx, dw_down, db_down, dw_up, db_up, dln_w, dln_b, ds]; grads of absent inputs are 0-size."""
     from ..kernels.adapter_block import adapter_backward
 
+    dy, x = V.unit_last(dy), V.unit_last(x)  # the kernels' row layout
     grads = list(adapter_backward(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, scale, s, z, mean,
                                   rstd, has_residual))
     grads[-1] = grads[-1] * scale  # d/ds of (scale·s)·Σ dy·u
@@ -72,12 +75,15 @@ def _adapter_block_bwd_op(
 def _(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, scale, s, z, mean, rstd, has_residual):
     r = w_down.shape[0]
 
-    def like(t):
-        return x.new_empty(0) if t is None else torch.empty_like(t)
+    def like(t):  # fresh contiguous gradients, as the kernels write them
+        return x.new_empty(0) if t is None else t.new_empty(t.shape)
 
-    return [torch.empty_like(x), torch.empty_like(w_down), x.new_empty((r,)), torch.empty_like(w_up),
+    return [like(x), like(w_down), x.new_empty((r,)), like(w_up),
             x.new_empty(w_up.shape[:1]), like(ln_weight), like(ln_bias),
             x.new_empty((), dtype=torch.float32)]
+
+
+_adapter_block_bwd_op.register_autograd(V.no_double_backward(OP))
 
 
 # --------------------------------------------------------------------------------------------- autograd
@@ -93,7 +99,7 @@ def _backward(ctx, dy, _dz, _dmean, _drstd):
     x, w_down, w_up, b_up, ln_weight, ln_bias, s, z, mean, rstd = ctx.saved_tensors
     activation, scale, has_residual, has_b_down = ctx.cfg
     dx, dwd, dbd, dwu, dbu, dlw, dlb, ds = _adapter_block_bwd_op(
-        dy.contiguous(), x, w_down, w_up, b_up, ln_weight, ln_bias, activation, scale, s, z, mean, rstd,
+        dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, scale, s, z, mean, rstd,
         has_residual)
 
     def opt(grad, t):
@@ -110,8 +116,12 @@ _adapter_block_op.register_autograd(_backward, setup_context=_setup_context)
 def _validate(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, gate, residual):
     V.tensor(OP, "x", x, min_ndim=1)
     d = x.shape[-1]
+    if d == 0:
+        V.fail(OP, "x", "of shape (..., d) with d >= 1", f"shape {tuple(x.shape)}")
     V.tensor(OP, "w_down", w_down, ndim=2)
     r = w_down.shape[0]
+    if r == 0:
+        V.fail(OP, "w_down", "of shape (r, d) with a bottleneck r >= 1", f"shape {tuple(w_down.shape)}")
     V.shape(OP, "w_down", w_down, (r, d), f"(r, d) = (r, {d}) (nn.Linear(d, r).weight)")
     V.tensor(OP, "w_up", w_up)
     V.shape(OP, "w_up", w_up, (d, r), f"(d, r) = ({d}, {r}) (nn.Linear(r, d).weight)")
@@ -135,19 +145,18 @@ def _validate(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation
                                      "residual": residual})
     V.same_device_dtype(OP, "x", x, {"ln_weight": ln_weight, "ln_bias": ln_bias}, dtype=False)
     V.choice(OP, "activation", activation, ref.ACTIVATIONS)
-    if not isinstance(eps, (int, float)) or eps <= 0:
-        V.fail(OP, "eps", "a positive float", repr(eps))
+    eps = V.real_number(OP, "eps", eps, "a positive float (finite)", positive=True)
     if isinstance(scale, Tensor):
         V.tensor(OP, "scale", scale)
         V.scalar_param(OP, "scale", scale, allowed=((),))
         V.same_device_dtype(OP, "x", x, {"scale": scale}, dtype=False)
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        V.fail(OP, "scale", "a float or a 0-d tensor", type(scale).__name__)
+    else:
+        scale = V.real_number(OP, "scale", scale, "a float or a 0-d tensor (finite)")
     if gate is not None:
         V.tensor(OP, "gate", gate)
         V.scalar_param(OP, "gate", gate)
         V.same_device_dtype(OP, "x", x, {"gate": gate}, dtype=False)
-    return d, r
+    return d, r, eps, scale
 
 
 def adapter_block(x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor], *,
@@ -159,7 +168,8 @@ def adapter_block(x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Ten
     x (..., d); w_down (r, d); b_down (r,) or None; w_up (d, r); b_up (d,) or None (nn.Linear layout).
     h = LayerNorm(x; ln_weight, ln_bias, eps) if ln_weight is not None else x;
     y = residual + s · up(act(down(h))), residual defaults to x, s = scale (float or 0-d tensor) times
-    tanh(gate) when gate (shape () or (1,)) is given. Differentiable in every tensor argument.
+    tanh(gate) when gate (shape () or (1,)) is given. Differentiable in every tensor argument (second order:
+    the reference backend only; the fused backward raises NotImplementedError when differentiated).
     """
     amp = _autocast.autocast_dtype(x) if isinstance(x, Tensor) else None
     if amp is not None:
@@ -174,7 +184,8 @@ def adapter_block(x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Ten
             update = adapter_block(xa, wd, bd, wu, bu, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps,
                                    activation=activation, scale=scale, gate=gate, residual=zero)
         return res + update
-    d, r = _validate(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, gate, residual)
+    d, r, eps, scale = _validate(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, activation, scale, gate,
+                                 residual)
     if _backend.select(OP, x.device, _kernel_unavailable(x, d, r)) == "reference":
         return ref.adapter_block(x, w_down, b_down, w_up, b_up, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps,
                                  activation=activation, scale=scale, gate=gate, residual=residual)

@@ -76,8 +76,11 @@ def _gated_attention_bwd_op(
 
 @_gated_attention_bwd_op.register_fake
 def _(dout, q, k, v, prefix_k, prefix_v, g, out, lse_main, lse_prefix, causal, scale, key_padding_mask):
-    # The kernels write fresh contiguous gradients.
+    # The kernels write fresh contiguous gradients (Lq = 0 included).
     return tuple(t.new_empty(t.shape) for t in (q, k, v, prefix_k, prefix_v, g))
+
+
+_gated_attention_bwd_op.register_autograd(V.no_double_backward(OP))
 
 
 def _setup_context(ctx, inputs, output):
@@ -103,6 +106,8 @@ _gated_attention_op.register_autograd(_backward, setup_context=_setup_context)
 def _validate(q, k, v, prefix_k, prefix_v, gate, causal, scale, gate_fn, key_padding_mask):
     V.tensor(OP, "q", q, ndim=4)
     B, H, Lq, D = q.shape
+    if D == 0:
+        V.fail(OP, "q", "of shape (B, H, Lq, D) with a head dim D >= 1", f"shape {tuple(q.shape)}")
     V.tensor(OP, "k", k, ndim=4)
     Hkv, Lk = k.shape[1], k.shape[2]
     V.shape(OP, "k", k, (B, None, None, D), f"(B, Hkv, Lk, D) = ({B}, Hkv, Lk, {D})")
@@ -124,15 +129,15 @@ def _validate(q, k, v, prefix_k, prefix_v, gate, causal, scale, gate_fn, key_pad
     V.choice(OP, "gate_fn", gate_fn, ("tanh", "identity"))
     if not isinstance(causal, bool):
         V.fail(OP, "causal", "a bool", repr(causal))
-    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0):
-        V.fail(OP, "scale", "None or a positive float", repr(scale))
+    if scale is not None:
+        scale = V.real_number(OP, "scale", scale, "None or a positive float (finite)", positive=True)
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
             V.fail(OP, "key_padding_mask", "a bool tensor (True = attend)",
                    getattr(key_padding_mask, "dtype", type(key_padding_mask).__name__))
         V.shape(OP, "key_padding_mask", key_padding_mask, (B, Lk), f"(B, Lk) = ({B}, {Lk})")
         V.same_device_dtype(OP, "q", q, {"key_padding_mask": key_padding_mask}, dtype=False)
-    return H, D
+    return H, D, scale
 
 
 def gated_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, gate: Tensor, *,
@@ -144,14 +149,16 @@ def gated_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v:
     a prompt shared by the batch (broadcast by stride, never copied) or one per sample; gate (), (1,)
     or (H,), g = tanh(gate) ("tanh") or gate ("identity"). Causal masking is bottom-right aligned
     (query i sees keys j <= i + Lk - Lq) so KV-cache decoding is right; prefix keys are always visible.
-    key_padding_mask: bool (B, Lk), True = attend; a query with no visible main key gets 0 from the
-    main branch. Returns (B, H, Lq, D) in q's dtype. Differentiable in q, k, v, prefix_k, prefix_v, gate.
+    key_padding_mask: bool (B, Lk), True = attend; a query with no visible main key (Lk = 0 included)
+    gets 0 from the main branch. Any prompt length P >= 1. Returns (B, H, Lq, D) in q's dtype.
+    Differentiable in q, k, v, prefix_k, prefix_v, gate (second order: the reference backend only; the
+    fused backward raises NotImplementedError when differentiated).
     """
     amp = _autocast.autocast_dtype(q) if isinstance(q, Tensor) else None
     if amp is not None:  # mixed precision: run in the dtype eager PyTorch would use (fastbridge/ops/_autocast.py)
         q, k, v, prefix_k, prefix_v = _autocast.cast(amp, q, k, v, prefix_k, prefix_v)
-    H, D = _validate(q, k, v, prefix_k, prefix_v, gate, causal, scale, gate_fn, key_padding_mask)
-    s = D ** -0.5 if scale is None else float(scale)
+    H, D, scale = _validate(q, k, v, prefix_k, prefix_v, gate, causal, scale, gate_fn, key_padding_mask)
+    s = D ** -0.5 if scale is None else scale
     if _backend.select(OP, q.device, _kernel_unavailable(q, (k, v, prefix_k, prefix_v, gate))) == "reference":
         return ref.gated_attention(q, k, v, prefix_k, prefix_v, gate, causal=causal, scale=s, gate_fn=gate_fn,
                                    key_padding_mask=key_padding_mask)

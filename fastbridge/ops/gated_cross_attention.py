@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .. import _backend
 from .. import reference as ref
+from . import _autocast
 from . import _validate as V
 
 OP = "gated_cross_attention"
@@ -161,6 +162,9 @@ def gated_cross_attention(q: Tensor, k: Tensor, v: Tensor, visibility: Optional[
     multiplied per head by g = tanh(gate) ("tanh") or gate ("identity"). scale defaults to D**-0.5.
     Returns (B, H, Lq, D) in q's dtype; differentiable in q, k, v and gate.
     """
+    amp = _autocast.autocast_dtype(q) if isinstance(q, Tensor) else None
+    if amp is not None:  # mixed precision: run in the dtype eager PyTorch would use (fastbridge/ops/_autocast.py)
+        q, k, v = _autocast.cast(amp, q, k, v)
     H, D, seg = _validate(q, k, v, visibility, segment_len, gate, gate_fn, scale)
     s = D ** -0.5 if scale is None else float(scale)
     if _backend.select(OP, q.device, _kernel_unavailable(q, (k, v, gate))) == "reference":

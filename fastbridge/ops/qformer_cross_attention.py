@@ -20,9 +20,21 @@ A query row with no visible key gives 0 (and zero gradients).
 Dropout (training): inverted dropout on the probabilities, p = dropout_p, with a counter-based Philox
 stream (csrc/philox.h): the kernels draw element (b, h, i, j) from (seed, offset, row (b·H + h)·Lq + i,
 key group j / 4), so the backward replays exactly the forward's mask, and the CPU and CUDA kernels
-draw the same mask for the same ``rng = [seed, offset]``. ``rng`` is drawn from torch's generator
-(``generator`` or the default CPU generator), so ``torch.manual_seed`` makes runs reproducible.
+draw the same mask for the same ``rng = [seed, offset]``. ``rng`` is drawn on q's device from that
+device's generator (``generator``, else torch's default one there: the CPU generator for CPU tensors,
+the CUDA generator for CUDA tensors, so ``torch.manual_seed`` / ``torch.cuda.manual_seed`` make runs
+reproducible). On CUDA it stays on the device and the kernels read it there: under CUDA graphs
+(``torch.compile(mode="reduce-overhead")``) each replay draws a new [seed, offset] with torch's own
+graph-safe Philox state and so a new mask; a host rng passed to the ops under stream capture is refused.
 (The reference backend draws its mask from torch.rand instead: same distribution, other stream.)
+
+Masked keys (bool key mask False) influence nothing: NaN / inf in their k / v rows change no output
+and no gradient, and their dk / dv are 0.
+
+Second-order gradients (``create_graph=True``): the first-order gradients are then computed by
+differentiating the reference math (in the reference's compute dtype, with the kernels' dropout mask
+and masked keys' k / v read as zeros), so they can be differentiated again -- slower than the kernel's
+backward, which runs whenever no graph of the backward is wanted.
 
 fp32 on CUDA: TF32 tensor cores. With torch's float32 matmul precision "highest" (the default) the
 kernels use the 3xTF32 split (fp32-accurate); with "high" / "medium" one TF32 product (faster,
@@ -89,9 +101,41 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dstats):
     q, k, v, out, stats, key_mask, bias, rng = ctx.saved_tensors
     scale, dropout_p, allow_tf32 = ctx.cfg
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (dout, q, k, v)):
+        # create_graph=True: the kernel's backward is not differentiable (its op has no autograd formula:
+        # torch would return zeros for the second order); differentiate the reference math instead.
+        grads = _differentiable_grads(ctx.needs_input_grad[:3], dout, q, k, v, key_mask, bias, scale, dropout_p, rng)
+        return (*grads, None, None, None, None, None, None)
     dq, dk, dv = torch.ops.fastbridge.qformer_attn_bwd(dout, q, k, v, out, stats, key_mask, bias, scale, dropout_p,
                                                        rng, allow_tf32)
     return dq, dk, dv, None, None, None, None, None, None
+
+
+def _differentiable_grads(needs, dout, q, k, v, key_mask, bias, scale, dropout_p, rng):
+    """(dq, dk, dv) (None where not needed) as a differentiable function of dout, q, k, v: the reference's
+    math (fastbridge.reference.qformer_cross_attention, in its compute dtype) with the kernels' dropout
+    keep mask and the masked keys' k / v rows read as zeros, differentiated with create_graph=True."""
+    B, H, Lk, D = k.shape
+    cdt = ref.compute_dtype(q.dtype)
+    qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
+    if qc.shape[0] != B:
+        qc = qc.expand(B, -1, -1, -1)
+    visible = None
+    if key_mask is not None:
+        visible = key_mask.view(B, 1, 1, Lk)
+        hidden = ~key_mask.view(B, 1, Lk, 1)
+        kc, vc = kc.masked_fill(hidden, 0.0), vc.masked_fill(hidden, 0.0)  # masked keys influence nothing
+    scores = qc @ kc.transpose(-1, -2) * scale
+    if bias is not None:
+        scores = scores + bias.to(cdt)
+    p = ref._masked_softmax(scores, visible)
+    if dropout_p > 0.0:
+        keep = torch.ops.fastbridge.qformer_dropout_keep(dout.detach(), rng, Lk, dropout_p)
+        p = p * keep.to(cdt) / (1.0 - dropout_p)
+    out = (p @ vc).to(q.dtype)
+    inputs = [t for t, n in zip((q, k, v), needs) if n]
+    grads = iter(torch.autograd.grad(out, inputs, dout, create_graph=True)) if inputs else iter(())
+    return tuple(next(grads) if n else None for n in needs)
 
 
 _registered: list[bool] = []
@@ -120,7 +164,7 @@ if _build._ops_present():
     _register()
 
 
-@torch.compiler.assume_constant_result
+@_backend.assume_constant
 def _extension_reason() -> str:
     """'' when the extension is loaded (built on first use), else why not. Read once at trace time."""
     try:
@@ -130,23 +174,28 @@ def _extension_reason() -> str:
         return str(e)
 
 
-@torch.compiler.assume_constant_result
+@_backend.assume_constant
 def _cuda_kernels_built() -> bool:
     return _build.has_cuda_kernels()
 
 
-@torch.compiler.assume_constant_result
+@_backend.assume_constant
 def _allow_tf32() -> bool:
-    return torch.get_float32_matmul_precision() != "highest"
+    # torch's fp32 matmul precision, new API first (the legacy getter raises when the two are mixed)
+    try:
+        from ..kernels._common import fp32_matmul_allows_tf32
+    except ImportError:  # pragma: no cover - no triton: the legacy getter (the C++ / CUDA ops need no triton)
+        return torch.get_float32_matmul_precision() != "highest"
+    return fp32_matmul_allows_tf32()
 
 
-@torch.compiler.assume_constant_result
+@_backend.assume_constant
 def _cuda_smem_needed(dtype: torch.dtype, D: int, backward: bool) -> int:
     """Bytes of shared memory per block of the smallest CUDA launch (csrc/qformer_cuda_layout.h)."""
     return int(torch.ops.fastbridge.qformer_cuda_smem_bytes(dtype, D, backward))
 
 
-@torch.compiler.assume_constant_result
+@_backend.assume_constant
 def _cuda_smem_allowed(index: int) -> Optional[int]:
     """The device's opt-in shared memory per block (None where torch does not report it)."""
     return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
@@ -195,11 +244,14 @@ def _kernel_unavailable(q: Tensor, attn_mask: Optional[Tensor], k: Tensor, v: Te
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def philox_rng(generator: Optional[torch.Generator] = None) -> Tensor:
-    """The [seed, offset] (int64, CPU) of one dropout call, drawn from ``generator`` (default: torch's)."""
-    device = generator.device if generator is not None else torch.device("cpu")
-    rng = torch.randint(0, 2**62, (2,), generator=generator, dtype=torch.int64, device=device)
-    return rng if rng.device.type == "cpu" else rng.cpu()
+def philox_rng(generator: Optional[torch.Generator] = None, device=None) -> Tensor:
+    """The [seed, offset] (int64) of one dropout call, drawn on ``generator``'s device from it, or on
+    ``device`` (default: the CPU) from torch's default generator there -- the CUDA generator for a CUDA
+    device. It stays on that device: the CUDA kernels read it there (CUDA-graph safe)."""
+    if generator is not None:
+        device = generator.device
+    device = torch.device("cpu" if device is None else device)
+    return torch.randint(0, 2**62, (2,), generator=generator, dtype=torch.int64, device=device)
 
 
 def dropout_keep_mask(like: Tensor, rng: Tensor, Lk: int, dropout_p: float) -> Tensor:
@@ -241,9 +293,25 @@ def _validate(q, k, v, attn_mask, scale, dropout_p, generator):
         V.fail(OP, "scale", "None or a float", type(scale).__name__)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         V.fail(OP, "dropout_p", "a float in [0, 1)", repr(dropout_p))
-    if generator is not None and not isinstance(generator, torch.Generator):
-        V.fail(OP, "generator", "None or a torch.Generator", type(generator).__name__)
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            V.fail(OP, "generator", "None or a torch.Generator", type(generator).__name__)
+        if not _same_device(generator.device, q.device):
+            V.fail(OP, "generator", f"None or a torch.Generator on q's device {q.device} (the CPU generator draws "
+                   f"for CPU tensors, a CUDA generator for CUDA tensors)", f"a generator on {generator.device}")
     return B, H, Lq, Lk, D
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """a and b name one device (an index-less "cuda" is the current CUDA device)."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    if a.index is not None and b.index is not None:
+        return False
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -254,9 +322,11 @@ def qformer_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optio
 
     q (B or 1, H, Lq, D) -- a query batch of 1 broadcasts over k's batch B; k, v (B, H, Lk, D).
     attn_mask: None, a bool (B, Lk) key mask (True = attend), or an additive float mask broadcastable to
-    (B, H, Lq, Lk). scale defaults to D**-0.5. dropout_p > 0 applies dropout (pass 0.0 in eval);
-    generator: where the Philox seed is drawn from. Returns (B, H, Lq, D) in q's dtype; differentiable
-    in q, k, v. Runs the C++ (CPU) / CUDA kernels, or the reference (backend "reference", float64, ...).
+    (B, H, Lq, Lk); keys the bool mask hides influence nothing. scale defaults to D**-0.5. dropout_p > 0
+    applies dropout (pass 0.0 in eval); generator: a torch.Generator on q's device that the Philox
+    [seed, offset] is drawn from (default: torch's default generator of q's device). Returns (B, H, Lq, D)
+    in q's dtype; differentiable in q, k, v, twice too (create_graph=True). Runs the C++ (CPU) / CUDA
+    kernels, or the reference (backend "reference", float64, ...).
     """
     amp = _autocast.autocast_dtype(q) if isinstance(q, Tensor) else None
     if amp is not None:  # mixed precision: run in the dtype eager PyTorch would use (fastbridge/ops/_autocast.py)
@@ -274,6 +344,6 @@ def qformer_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optio
             key_mask = attn_mask
         else:
             bias = attn_mask if attn_mask.dtype == torch.float32 else attn_mask.float()  # before broadcasting
-    rng = philox_rng(generator) if dropout_p > 0.0 else None
+    rng = philox_rng(generator, q.device) if dropout_p > 0.0 else None
     out, _ = torch.ops.fastbridge.qformer_attn_fwd(q, k, v, key_mask, bias, scale, dropout_p, rng, _allow_tf32())
     return out

@@ -9,6 +9,7 @@ tokenizer. ``compare(config)`` trains the eager and the fastbridge model from th
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -62,7 +63,7 @@ class TrainConfig:
     dtype: str = "auto"          # fp32 | bf16 | fp16 | auto (bf16 autocast on CUDA, fp32 on CPU)
     pretrained: Optional[str] = None
     resume: bool = False
-    save_every: int = 0                  # checkpoint every N steps (0: at the end only)
+    save_every: int = 200                # checkpoint every N steps (0: only at the end / on interruption)
     stop_at: Optional[int] = None        # stop (checkpointed) before `steps`; resume later with resume=True
     eval_batch_size: int = 64
     max_new_tokens: int = 20
@@ -87,6 +88,21 @@ class TrainConfig:
             raise ValueError("TrainConfig: coco_captions and coco_images go together (annotations JSON and image dir)")
         if self.coco_val_captions is not None and self.coco_captions is None:
             raise ValueError("TrainConfig: coco_val_captions needs coco_captions / coco_images (the training split)")
+        for name in ("coco_captions", "coco_val_captions"):
+            v = getattr(self, name)
+            if v is not None and not Path(v).is_file():
+                raise ValueError(f"TrainConfig: {name}: no such file: {v}")
+        for name in ("coco_images", "coco_val_images"):
+            v = getattr(self, name)
+            if v is not None and not Path(v).is_dir():
+                raise ValueError(f"TrainConfig: {name}: no such directory: {v}")
+        if self.pretrained is not None:
+            problem = pretrained_problem(self.bridge, self.pretrained)
+            if problem:
+                raise ValueError(f"TrainConfig: pretrained: {problem}")
+        if isinstance(self.save_every, bool) or not isinstance(self.save_every, int) or self.save_every < 0:
+            raise ValueError(f"TrainConfig: save_every must be an int >= 0, got {self.save_every!r}")
+        resolve_device(self.device)  # a clear error now, not after the data is made
         self.tasks = tuple(self.tasks)
         if self.coco_captions is not None and "vqa" in self.tasks:
             self.tasks = tuple(t for t in self.tasks if t != "vqa")  # COCO captions carry no questions
@@ -103,10 +119,36 @@ class Example:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"TrainConfig: device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"TrainConfig: device {name!r} asked for, but torch sees no CUDA device")
+        raise ValueError(f"TrainConfig: device {name!r} asked for, but torch sees no CUDA device "
+                         f"(torch {torch.__version__}, built with CUDA {torch.version.cuda or 'none'})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"TrainConfig: device {name!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"TrainConfig: device must be auto, cpu, cuda or cuda:N, got {name!r}")
     return dev
+
+
+def pretrained_problem(bridge: str, path: str) -> Optional[str]:
+    """Why ``path`` is not a local checkpoint directory build_model can load for ``bridge`` (None: it is)."""
+    root = Path(path)
+    if not root.is_dir():
+        return f"no such directory: {path} (a local checkpoint directory; hub names are not downloaded)"
+    if bridge in ("qformer", "adapter"):
+        need = [root / "config.json"]
+    else:  # LLaMA-based bridges: vision/ and lm/ subfolders
+        need = [root / "vision" / "config.json", root / "lm" / "config.json"]
+    missing = [str(p.relative_to(root)) for p in need if not p.is_file()]
+    if missing:
+        return f"{path} has no {', '.join(missing)} (the {bridge} bridge loads a save_pretrained directory" + \
+            (")" if bridge in ("qformer", "adapter") else " with vision/ and lm/ subfolders)")
+    if not any((root / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return f"{path} has no tokenizer (tokenizer.json / tokenizer_config.json)"
+    return None
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
@@ -165,12 +207,23 @@ def load_data(cfg: TrainConfig, size: ModelSize):
     """(train, val) SplitData: synthetic (made if missing) or COCO captions from disk."""
     from .. import data as fbdata
 
+    import datasets
+
     if not cfg.progress:
-        import datasets
         import transformers
 
-        datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
+    # the files are local: datasets' "Downloading data" / "Generating split" bars say nothing useful
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return _load_data(cfg, size, fbdata)
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _load_data(cfg: TrainConfig, size: ModelSize, fbdata):
     if cfg.coco_captions is not None:
         if cfg.coco_val_captions is None:  # Karpathy split file: its train (+ restval) and val splits
             train = fbdata.load_coco_captions(cfg.coco_captions, cfg.coco_images, split="train")
@@ -259,13 +312,15 @@ def caption_loss(logits: Tensor, labels: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------ decoding
 @torch.no_grad()
 def greedy_decode(model: BridgeModel, tokenizer, pixels: Tensor, rows: Sequence[int], prompts: Sequence[str], *,
-                  max_new_tokens: int, batch_size: int, device, amp: Optional[torch.dtype] = None) -> list[str]:
+                  max_new_tokens: int, batch_size: int, device, amp: Optional[torch.dtype] = None,
+                  progress: Optional[str] = None) -> list[str]:
     """Greedy decoding of ``prompts[i]`` about image ``pixels[rows[i]]`` (a uint8 table), batched by prompt
-    length (no padding inside a batch). Returns the decoded text."""
+    length (no padding inside a batch). Returns the decoded text. ``progress``: a bar with this label."""
     model.eval()
     enc = [[tokenizer.bos_token_id] + (tokenizer.encode(p, add_special_tokens=False) if p else []) for p in prompts]
     order = sorted(range(len(enc)), key=lambda i: (len(enc[i]), i))
     out: list[Optional[str]] = [None] * len(enc)
+    bar = _progress(None, len(enc), progress, True) if progress else None
     i = 0
     while i < len(order):
         L = len(enc[order[i]])
@@ -289,21 +344,38 @@ def greedy_decode(model: BridgeModel, tokenizer, pixels: Tensor, rows: Sequence[
             toks = row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
             toks = [t for t in toks if t != tokenizer.pad_token_id]
             out[g] = tokenizer.decode(toks, skip_special_tokens=True).strip()
+        if bar is not None:
+            bar.update(len(group))
+    if bar is not None:
+        bar.close()
     return out  # type: ignore[return-value]
 
 
+def _score_line(result: dict) -> str:
+    parts = [f"{k} {v:.3f}" for k, v in (result.get("caption") or {}).items() if k in ("BLEU-4", "CIDEr")]
+    if "vqa" in result:
+        parts.append(f"VQA {result['vqa']['accuracy']:.1f}%")
+    return ", ".join(parts)
+
+
 def evaluate(model: BridgeModel, tokenizer, split: SplitData, cfg: TrainConfig, device, amp=None,
-             log: Callable[[str], None] = logger.info) -> dict:
-    """Caption metrics (pycocoevalcap) on the split's images and VQA accuracy on its questions."""
+             log: Callable[[str], None] = logger.info, what: str = "") -> dict:
+    """Caption metrics (pycocoevalcap) on the split's images and VQA accuracy on its questions.
+
+    Logs one line with the main scores; each metric's details go to the "fastbridge" logger at DEBUG
+    level (``--verbose``)."""
     from .. import eval as fbeval
 
     result: dict = {}
+    t0 = time.perf_counter()
+    label = f"evaluate{' ' + what if what else ''}"
     if "caption" in cfg.tasks:
         n = len(split.image_ids)
         caps = greedy_decode(model, tokenizer, split.pixels, range(n), [CAPTION_PROMPT] * n,
-                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, device=device, amp=amp)
+                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, device=device, amp=amp,
+                             progress=f"{label}: captions" if cfg.progress else None)
         preds = dict(zip(split.image_ids, caps))
-        scores = fbeval.caption_metrics(preds, split.captions, log=log)
+        scores = fbeval.caption_metrics(preds, split.captions)
         result["caption"] = scores.scores
         result["caption_skipped"] = dict(scores.skipped)
         result["examples"] = [{"image_id": iid, "prediction": preds[iid], "references": split.captions[iid][:2]}
@@ -312,11 +384,14 @@ def evaluate(model: BridgeModel, tokenizer, split: SplitData, cfg: TrainConfig, 
         qs = split.questions
         ans = greedy_decode(model, tokenizer, split.pixels, [q["image"] for q in qs],
                             [vqa_prompt(q["question"]) for q in qs], max_new_tokens=6,
-                            batch_size=cfg.eval_batch_size, device=device, amp=amp)
+                            batch_size=cfg.eval_batch_size, device=device, amp=amp,
+                            progress=f"{label}: VQA" if cfg.progress else None)
         acc = fbeval.vqa_accuracy({q["question_id"]: a for q, a in zip(qs, ans)},
                                   {q["question_id"]: q["answers"] for q in qs},
                                   answer_types={q["question_id"]: q["answer_type"] for q in qs})
         result["vqa"] = {"accuracy": acc["overall"], **{f"accuracy/{k}": v for k, v in acc["per_answer_type"].items()}}
+    log(f"{label} ({cfg.bridge}, {len(split.image_ids)} images, {time.perf_counter() - t0:.0f}s): "
+        f"{_score_line(result)}")
     return result
 
 
@@ -346,9 +421,13 @@ def _batches(n: int, batch_size: int, seed: int, start_step: int, steps: int):
 def _progress(iterable, total, desc, enabled):
     if not enabled:
         return iterable
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False)
+    # written to a file or pipe, a bar redrawn ten times a second fills megabytes: twice a minute there
+    interval = 0.1 if sys.stderr.isatty() else 30.0
+    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False, mininterval=interval)
 
 
 def _sync(device):
@@ -356,77 +435,178 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def save_checkpoint(model: BridgeModel, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig, out: Path) -> None:
-    """Only the trainable bridge (save_trainable) + the optimizer moments (safetensors) + the step."""
+CHECKPOINT = "checkpoint.safetensors"  # everything a resume needs, in one atomically written file
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT / SIGTERM during training: the step finished, a checkpoint was written, then this is raised."""
+
+    def __init__(self, step: int, steps: int, out: Path, signal_name: str) -> None:
+        super().__init__(f"{signal_name} at step {step}/{steps}; checkpoint in {out}")
+        self.step, self.steps, self.out, self.signal_name = step, steps, out, signal_name
+
+
+_pending_signal: list[str] = []  # set by the handler while the training loop runs
+# Tests only: "N" makes the training loop send itself SIGINT after step N (the real handler then runs).
+_TEST_SIGNAL_ENV = "FASTBRIDGE_TEST_SIGINT_AT_STEP"
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """While training: SIGINT / SIGTERM finish the current step, then the loop checkpoints and raises
+    TrainingInterrupted. A second signal interrupts at once (the checkpoint files are written atomically,
+    so the previous checkpoint stays loadable). Only in the main thread (where handlers can be set)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if _pending_signal:
+            raise KeyboardInterrupt(name)
+        _pending_signal.append(name)
+
+    _pending_signal.clear()
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+        _pending_signal.clear()
+
+
+def save_checkpoint(model: BridgeModel, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig, out: Path,
+                    history: Optional[dict] = None) -> None:
+    """The trainable bridge (``bridge.safetensors``, save_trainable) and, for resuming, one
+    ``checkpoint.safetensors``: bridge, optimizer moments, the step, the loss / step-time history and the
+    "before" scores. Each file is written atomically: a kill during a save leaves the previous checkpoint."""
     import fastbridge
     from safetensors.torch import save_file
 
-    fastbridge.save_trainable(model, out / "bridge.safetensors")
+    from ..checkpoint import atomic_write, trainable_state
+
+    history = history or {}
+    tensors = {f"bridge/{n}": p.detach().to("cpu").contiguous().clone() for n, p in trainable_state(model).items()}
     flat, meta = _flatten_optimizer(opt.state_dict())
-    save_file(flat, str(out / "optimizer.safetensors"))
-    (out / "trainer_state.json").write_text(json.dumps({"step": step, "optimizer_meta": meta,
-                                                        "config": asdict(cfg)}, indent=1))
+    tensors.update({f"optimizer/{k}": v for k, v in flat.items()})
+    tensors["history/losses"] = torch.tensor(history.get("losses", []), dtype=torch.float64)
+    tensors["history/step_times"] = torch.tensor(history.get("step_times", []), dtype=torch.float64)
+    state = {"step": step, "optimizer_meta": meta, "config": asdict(cfg), "before": history.get("before")}
+    meta = {"fastbridge.trainer": json.dumps(state)}
+    atomic_write(out / CHECKPOINT, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    fastbridge.save_trainable(model, out / "bridge.safetensors")
 
 
-def load_checkpoint(model: BridgeModel, cfg: TrainConfig, out: Path) -> tuple[int, Optional[dict]]:
-    """(step, optimizer state) of out/'s checkpoint, its bridge loaded into model; (0, None) if none."""
-    import fastbridge
-    from safetensors.torch import load_file
+def load_checkpoint(model: BridgeModel, cfg: TrainConfig, out: Path) -> tuple[int, Optional[dict], dict]:
+    """(step, optimizer state, history) of out/'s checkpoint, its bridge loaded into model; (0, None, {}) if
+    there is none. history: "losses" and "step_times" of the steps before ``step``, "before" scores."""
+    from safetensors import safe_open
 
-    state_file = out / "trainer_state.json"
-    if not state_file.exists():
-        return 0, None
-    state = json.loads(state_file.read_text())
-    saved = state.get("config", {})
+    path = out / CHECKPOINT
+    if not path.exists():
+        if (out / "trainer_state.json").exists():  # written by fastbridge before checkpoint.safetensors
+            return _load_legacy_checkpoint(model, cfg, out)
+        return 0, None, {}
+    with safe_open(str(path), framework="pt") as f:
+        state = json.loads((f.metadata() or {})["fastbridge.trainer"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    _check_resume_config(state.get("config", {}), cfg, out)
+    bridge = {k[len("bridge/"):]: v for k, v in tensors.items() if k.startswith("bridge/")}
+    params = dict(model.named_parameters())
+    want = {n for n, p in params.items() if p.requires_grad}
+    if set(bridge) != want or any(bridge[n].shape != params[n].shape for n in bridge):
+        raise ValueError(f"resume: {path} holds another bridge's parameters than this model trains "
+                         f"(use the same settings, or another out_dir)")
+    with torch.no_grad():
+        for n, t in bridge.items():
+            params[n].copy_(t.to(device=params[n].device, dtype=params[n].dtype))
+    flat = {k[len("optimizer/"):]: v for k, v in tensors.items() if k.startswith("optimizer/")}
+    opt_state = _unflatten_optimizer(flat, state["optimizer_meta"])
+    history = {"losses": tensors["history/losses"].tolist(), "step_times": tensors["history/step_times"].tolist(),
+               "before": state.get("before")}
+    return int(state["step"]), opt_state, history
+
+
+def _check_resume_config(saved: dict, cfg: TrainConfig, out: Path) -> None:
     for key in ("bridge", "size", "steps", "batch_size", "lr", "seed", "tasks"):
         if key in saved and saved[key] != (list(getattr(cfg, key)) if key == "tasks" else getattr(cfg, key)):
             raise ValueError(f"resume: {key} = {getattr(cfg, key)!r} differs from the checkpoint's {saved[key]!r} in "
                              f"{out} (resume with the same settings, or use another out_dir)")
+
+
+def _load_legacy_checkpoint(model: BridgeModel, cfg: TrainConfig, out: Path) -> tuple[int, Optional[dict], dict]:
+    """The older layout (trainer_state.json + optimizer.safetensors + bridge.safetensors): no loss history."""
+    import fastbridge
+    from safetensors.torch import load_file
+
+    state = json.loads((out / "trainer_state.json").read_text())
+    _check_resume_config(state.get("config", {}), cfg, out)
     fastbridge.load_trainable(model, out / "bridge.safetensors")
     opt_state = _unflatten_optimizer(load_file(str(out / "optimizer.safetensors")), state["optimizer_meta"])
-    return int(state["step"]), opt_state
+    logger.warning("resume: %s is an older checkpoint without the loss history; metrics.json will hold the losses "
+                   "from step %d on", out, int(state["step"]))
+    return int(state["step"]), opt_state, {}
 
 
 def train_bridge(model: BridgeModel, tokenizer, train: SplitData, cfg: TrainConfig, device, amp, out: Path,
-                 start_step: int = 0, opt_state: Optional[dict] = None) -> dict:
-    """Steps [start_step, stop_at or steps) of the bridge's training; checkpoints every save_every steps and
-    at the end."""
+                 start_step: int = 0, opt_state: Optional[dict] = None, history: Optional[dict] = None) -> dict:
+    """Steps [start_step, stop_at or steps) of the bridge's training; checkpoints every save_every steps, at
+    the end, and on SIGINT / SIGTERM (then raises TrainingInterrupted). ``history``: the losses / step times
+    of the steps before start_step and the "before" scores (from the checkpoint), kept in every checkpoint;
+    the returned losses / step times cover the whole run."""
     examples = training_examples(train, cfg.tasks)
     params = [p for _, p in model.trainable_parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     model.train()
-    losses, times = [], []
+    history = dict(history or {})
+    losses, times = list(history.get("losses", []))[:start_step], list(history.get("step_times", []))[:start_step]
+    history.update(losses=losses, step_times=times)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     end = cfg.steps if cfg.stop_at is None else min(cfg.stop_at, cfg.steps)
     bar = _progress(_batches(len(examples), cfg.batch_size, cfg.seed, start_step, end), end - start_step,
                     f"train {cfg.bridge} ({'fastbridge' if cfg.patched else 'eager'})", cfg.progress)
-    for step, idx in bar:
-        batch = [examples[i] for i in idx]
-        ids, mask, labels = encode_batch(tokenizer, batch, device)
-        px = model_pixels(train.pixels, [e.image for e in batch], device)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg.steps, cfg.lr, max(1, cfg.steps // 20))
-        _sync(device)
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = caption_loss(model(px, ids, mask), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-        if cfg.progress and hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        elif (step + 1) % cfg.log_every == 0:
-            logger.info("step %d/%d loss %.4f", step + 1, cfg.steps, losses[-1])
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end:
-            save_checkpoint(model, opt, step + 1, cfg, out)
+    signal_at = int(os.environ.get(_TEST_SIGNAL_ENV, "0") or 0)
+    with _stop_on_signals():
+        for step, idx in bar:
+            batch = [examples[i] for i in idx]
+            ids, mask, labels = encode_batch(tokenizer, batch, device)
+            px = model_pixels(train.pixels, [e.image for e in batch], device)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, cfg.steps, cfg.lr, max(1, cfg.steps // 20))
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = caption_loss(model(px, ids, mask), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+            losses.append(loss.item())
+            if cfg.progress and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            elif (step + 1) % cfg.log_every == 0:
+                logger.info("step %d/%d loss %.4f", step + 1, cfg.steps, losses[-1])
+            if signal_at and step + 1 == signal_at:
+                import signal
+
+                os.kill(os.getpid(), signal.SIGINT)
+            if _pending_signal:
+                if hasattr(bar, "close"):
+                    bar.close()
+                save_checkpoint(model, opt, step + 1, cfg, out, history)
+                raise TrainingInterrupted(step + 1, cfg.steps, out, _pending_signal[0])
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end:
+                save_checkpoint(model, opt, step + 1, cfg, out, history)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    save_checkpoint(model, opt, end, cfg, out)
+    save_checkpoint(model, opt, end, cfg, out, history)
     return {"losses": losses, "step_times": times, "peak_mb": peak, "end": end}
 
 
@@ -578,6 +758,8 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = logger.info) -> dict:
         lm_dir = base / "lm"
         if warm and not (lm_dir / "config.json").exists():
             t0 = time.perf_counter()
+            log(f"base: warming up the random-init LLaMA on text alone ({cfg.warmup_lm_steps:,} steps; once, "
+                f"cached in {base})")
             lm = build_language_model(tokenizer, size, seed=cfg.seed).to(device).train()
             warm_hist = warmup_language_model(lambda i, m: lm(input_ids=i, attention_mask=m).logits,
                                               list(lm.parameters()), tokenizer, texts, cfg, device, amp)
@@ -603,6 +785,8 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = logger.info) -> dict:
             log(f"base: warmed-up BLIP text decoder from {base_file}")
         elif warm:
             t0 = time.perf_counter()
+            log(f"base: warming up the random-init BLIP text decoder on text alone ({cfg.warmup_lm_steps:,} steps; "
+                f"once, cached in {base})")
             model.train()
             params = dict(dec.named_parameters())
             warm_hist = warmup_language_model(model.lm_logits, [params[n] for n in names], tokenizer, texts, cfg,
@@ -633,6 +817,8 @@ def _prepare_vision(model: BridgeModel, tokenizer, train: SplitData, cfg: TrainC
         log(f"base: pretrained-stand-in {name} from {f}")
         return json.loads(hist_file.read_text()) if hist_file.exists() else []
     t0 = time.perf_counter()
+    log(f"base: training the random-init {name} contrastively ({cfg.warmup_vision_steps:,} steps; once, cached in "
+        f"{base})")
     hist = warmup_vision(vision, tokenizer, train, cfg, device, amp)
     save_file({k: v.detach().cpu().contiguous() for k, v in vision.state_dict().items()}, str(f))
     hist_file.write_text(json.dumps(hist))
@@ -652,9 +838,8 @@ def run(cfg: TrainConfig, *, prepared: Optional[dict] = None, log: Callable[[str
     _seed_all(cfg.seed)
     model.freeze_for_bridge()
     if cfg.patched:
-        fastbridge.patch(model)
+        fastbridge.patch(model)  # logs its report (what will run) once on the "fastbridge" logger
         report = model.fastbridge_report
-        log(str(report))
     else:
         fastbridge.unpatch(model)
         report = None
@@ -663,15 +848,24 @@ def run(cfg: TrainConfig, *, prepared: Optional[dict] = None, log: Callable[[str
     n_all = sum(p_.numel() for p_ in model.parameters())
     log(f"{cfg.bridge}: {n_train:,} trainable of {n_all:,} parameters ({100 * n_train / n_all:.1f}%)")
 
-    start, opt_state = 0, None
+    start, opt_state, history = 0, None, {}
     if cfg.resume:
-        start, opt_state = load_checkpoint(model, cfg, out)
-        log(f"resumed from {out / 'bridge.safetensors'} at step {start}" if start else
+        start, opt_state, history = load_checkpoint(model, cfg, out)
+        log(f"resumed from {out / CHECKPOINT} at step {start}" if start else
             f"resume: no checkpoint in {out}, starting at step 0")
 
-    before = evaluate(model, tokenizer, p["val"], cfg, device, amp, log) if eval_before and start == 0 else None
-    res = train_bridge(model, tokenizer, p["train"], cfg, device, amp, out, start, opt_state)
-    after = evaluate(model, tokenizer, p["val"], cfg, device, amp, log)
+    fastbridge.reset_stats()
+    if start == 0:
+        before = evaluate(model, tokenizer, p["val"], cfg, device, amp, log, what="before") if eval_before else None
+    else:
+        before = history.get("before")  # scored when the run started
+    last = cfg.steps if cfg.stop_at is None else min(cfg.stop_at, cfg.steps)
+    every = f"every {cfg.save_every:,} steps, " if cfg.save_every else ""
+    log(f"train {cfg.bridge}: steps {start + 1:,}..{last:,} of {cfg.steps:,}, {cfg.batch_size} examples each; "
+        f"checkpoints {every}at the end and on Ctrl-C")
+    res = train_bridge(model, tokenizer, p["train"], cfg, device, amp, out, start, opt_state,
+                       history={**history, "before": before})
+    after = evaluate(model, tokenizer, p["val"], cfg, device, amp, log, what="after")
     times = res["step_times"][min(5, len(res["step_times"]) // 4):]
     step_s = _median(times)
     metrics = {
@@ -684,12 +878,14 @@ def run(cfg: TrainConfig, *, prepared: Optional[dict] = None, log: Callable[[str
         "steps_per_s": None if not times else 1.0 / step_s,
         "samples_per_s": None if not times else cfg.batch_size / step_s,
         "timed_steps": len(times), "peak_mb": res["peak_mb"], "resumed_from_step": start, "last_step": res["end"],
+        "calls": fastbridge.stats(model).as_dict(),  # what each call ran: fused / reference / fallback
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     from .plots import plot_losses
 
+    first = res["end"] - len(res["losses"])  # 0, unless an older checkpoint had no loss history
     plot_losses({cfg.bridge: res["losses"]}, out / "loss.png", title=f"{cfg.bridge} bridge training loss",
-                offset=start)
+                resumed_at=start or None, offset=first)
     return metrics
 
 

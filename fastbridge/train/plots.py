@@ -27,13 +27,18 @@ def _plt():
     return plt
 
 
-def plot_losses(curves: Mapping[str, Sequence[float]], path, *, title: str = "training loss", offset: int = 0) -> Path:
+def plot_losses(curves: Mapping[str, Sequence[float]], path, *, title: str = "training loss",
+                resumed_at: int | None = None, offset: int = 0) -> Path:
+    """Loss per step from step offset + 1 (0: the whole run; a resumed run's history comes from its
+    checkpoint); a dotted line marks the step a run was resumed at."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for name, ys in curves.items():
         xs = range(offset + 1, offset + len(ys) + 1)
         line, = ax.plot(xs, ys, alpha=0.25, linewidth=0.8)
         ax.plot(xs, smooth(ys), color=line.get_color(), label=f"{name} (10-step mean)")
+    if resumed_at:
+        ax.axvline(resumed_at + 0.5, color="grey", linestyle=":", linewidth=1, label=f"resumed at step {resumed_at}")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (target tokens)")
     ax.set_title(title)
