@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _stats
 from .._backend import FastbridgeFallbackWarning
 from . import _compat
 
@@ -80,9 +81,16 @@ _CLASSES = {
 }
 _SEGMENT_HINT = "_fastbridge_segment_len"  # instance attribute set by patch_model (an int)
 
-# How many calls took each path, for tests and diagnostics: "<kind> fused" and "<kind> fallback: <reason>".
+# How many calls took each path, for tests and diagnostics: "<kind> fused" and "<kind> fallback: <reason>"
+# (fastbridge.stats(model) has the same per integration, split into kernel / reference runs). Not counted
+# while torch.compile traces: a counter changing every call would be specialised into the graph.
 stats: Counter = Counter()
 _warned: set[tuple[str, str]] = set()
+
+
+def _count(key: str) -> None:
+    if not torch.compiler.is_compiling():
+        stats[key] += 1
 
 
 # --------------------------------------------------------------------------------------------- compat
@@ -231,7 +239,8 @@ def _warn(kind: str, reason: str) -> None:
 
 def _fallback(module: nn.Module, reason: str, args: tuple, kwargs: dict):
     kind = type(module)._fastbridge_kind
-    stats[f"{kind} fallback: {reason}"] += 1
+    _count(f"{kind} fallback: {reason}")
+    _stats.record(kind, "fallback", reason)
     _warn(kind, reason)
     return type(module)._fastbridge_base.forward(module, *args, **kwargs)
 
@@ -333,9 +342,10 @@ def _plan_for(module: nn.Module, mask, B: int, Lq: int, Lk: int):
     return _mask_plan(mask, B, Lq)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, plan: _Plan, gate: Optional[Tensor], scale: float) -> Tensor:
+def _attend(kind: str, q: Tensor, k: Tensor, v: Tensor, plan: _Plan, gate: Optional[Tensor], scale: float) -> Tensor:
     from ..ops import gated_cross_attention
     from ..ops._autocast import autocast_dtype
+    from ..ops.gated_cross_attention import _kernel_unavailable
 
     # under autocast transformers' attention runs its matmuls in the autocast dtype, whatever q / k / v
     # arrive in (the per-head RMSNorms hand back fp32 q / k with fp32 weights): the op does the same
@@ -345,6 +355,8 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, plan: _Plan, gate: Optional[Tensor]
     if plan.lk is not None and k.shape[2] != plan.lk:
         raise RuntimeError(f"fastbridge: the cross-attention mask covers {plan.lk} keys but the layer has "
                            f"{k.shape[2]} vision keys")
+    _count(f"{kind} fused")
+    _stats.record_op(kind, lambda: _kernel_unavailable(q, (k, v, gate)))
     return gated_cross_attention(q, k, v, plan.visibility, segment_len=plan.segment_len, gate=gate,
                                  gate_fn="tanh", scale=scale)
 
@@ -392,7 +404,7 @@ def _mllama_forward(self, hidden_states, cross_attention_states=None, cross_atte
         k, v = _cached_kv(cache, attn.layer_idx)
     gate = self.cross_attn_attn_gate
     fold = _foldable(gate, h, attn.o_proj)
-    out = _attend(q, k, v, plan, gate if fold else None, float(attn.scaling))
+    out = _attend(MLLAMA, q, k, v, plan, gate if fold else None, float(attn.scaling))
     out = attn.o_proj(out.transpose(1, 2).reshape(B, Lq, -1))
     hidden_states = residual + out if fold else residual + gate.tanh() * out
 
@@ -402,7 +414,6 @@ def _mllama_forward(self, hidden_states, cross_attention_states=None, cross_atte
     if full_text_row_masked_out_mask is not None:
         hidden_states = full_text_row_masked_out_mask[:, 0] * hidden_states
     hidden_states = residual + self.cross_attn_mlp_gate.tanh() * hidden_states
-    stats[f"{MLLAMA} fused"] += 1
     return hidden_states
 
 
@@ -449,7 +460,7 @@ def _idefics_forward(self, hidden_states, attention_mask=None, image_hidden_stat
         k = attn.k_layer_norm(k)
     alpha = self.alpha_cross_attn
     fold = _foldable(alpha, h, attn.o_proj)
-    out = _attend(q, k, v, plan, alpha.reshape(()) if fold else None, float(attn.scaling))
+    out = _attend(IDEFICS, q, k, v, plan, alpha.reshape(()) if fold else None, float(attn.scaling))
     out = attn.o_proj(out.transpose(1, 2).reshape(B, Lq, -1))
     out = F.dropout(out, p=self.config, training=self.training)
     out = out.masked_fill((cross_attention_gate == 0)[:, :, None], 0.0)
@@ -460,5 +471,4 @@ def _idefics_forward(self, hidden_states, attention_mask=None, image_hidden_stat
     hidden_states = self.mlp(hidden_states)
     hidden_states = F.dropout(hidden_states, p=self.config, training=self.training)
     hidden_states = residual + self.act_dense(self.alpha_dense) * hidden_states
-    stats[f"{IDEFICS} fused"] += 1
     return hidden_states
