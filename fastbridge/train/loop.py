@@ -138,14 +138,14 @@ def pretrained_problem(bridge: str, path: str) -> Optional[str]:
     root = Path(path)
     if not root.is_dir():
         return f"no such directory: {path} (a local checkpoint directory; hub names are not downloaded)"
-    if bridge in ("qformer", "adapter"):
+    if bridge in ("qformer", "adapter", "flamingo"):  # one transformers model directory
         need = [root / "config.json"]
     else:  # LLaMA-based bridges: vision/ and lm/ subfolders
         need = [root / "vision" / "config.json", root / "lm" / "config.json"]
     missing = [str(p.relative_to(root)) for p in need if not p.is_file()]
     if missing:
         return f"{path} has no {', '.join(missing)} (the {bridge} bridge loads a save_pretrained directory" + \
-            (")" if bridge in ("qformer", "adapter") else " with vision/ and lm/ subfolders)")
+            (")" if bridge in ("qformer", "adapter", "flamingo") else " with vision/ and lm/ subfolders)")
     if not any((root / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return f"{path} has no tokenizer (tokenizer.json / tokenizer_config.json)"
     return None
