@@ -92,8 +92,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bridge", choices=BRIDGES, default="llama-adapter")
     _common(p)
     p.add_argument("--pretrained", default=None,
-                   help="local checkpoint directory, checked before any work (qformer / adapter / flamingo: a save_pretrained "
-                        "directory with a tokenizer; mlp / llama-adapter / dynamic-prompt: vision/ and lm/ subfolders)")
+                   help="local checkpoint directory, checked before any work (qformer / adapter / flamingo: a "
+                        "save_pretrained directory with a tokenizer; mlp / llama-adapter / dynamic-prompt: vision/ "
+                        "and lm/ subfolders)")
     p.add_argument("--eager", action="store_true", help="train unpatched (fastbridge.unpatch): the eager baseline")
     p.add_argument("--compare", action="store_true", help="train eager and fastbridge from the same seed and compare")
     p.add_argument("--resume", action="store_true",
