@@ -11,13 +11,20 @@ Differences handled here:
   (the old name is still accepted by the decorated transformers modules until 5.40). :func:`get_cache`
   accepts both spellings (and the older singular ``past_key_value``), :func:`update_cache` updates the
   cache exactly once the way the running version's own attention does.
+* **Recording attentions** (``output_attentions``): transformers 5.x records them through forward hooks on
+  the attention modules while a collector is active; older versions pass ``output_attentions=True``
+  (:func:`recording_attentions`, :func:`foreign_hooks`).
+* **Cached cross-attention keys / values**: ``cache.layers[i]`` in 5.x, ``key_cache[i]`` before
+  (:func:`cached_kv`).
 """
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any, Optional
 
 import torch
+from torch import nn
 
 # Keyword names of the KV cache an attention module may receive, newest first.
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
@@ -69,3 +76,39 @@ def update_cache(cache, keyword: str, key: torch.Tensor, value: torch.Tensor, la
 def without_cache(kwargs: dict) -> dict:
     """``kwargs`` without any KV-cache keyword (for code that must not touch the cache)."""
     return {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
+
+
+# transformers 5.x records attentions through forward hooks on the attention modules while a
+# collector is active (utils.output_capturing); the fused layer skips the inner module, so recording
+# attentions must run the original forward. Older versions pass output_attentions as a kwarg.
+def recording_attentions(kwargs: dict) -> bool:
+    if kwargs.get("output_attentions"):
+        return True
+    mod = sys.modules.get("transformers.utils.output_capturing")
+    collector = getattr(mod, "_active_collector", None)
+    if collector is None:
+        return False
+    if torch.compiler.is_compiling():  # Dynamo cannot trace ContextVar.get; transformers' compiled path is a global
+        active = getattr(collector, "global_var", None) if getattr(collector, "compiling", False) else None
+    else:
+        try:
+            active = collector.get()
+        except LookupError:
+            return False
+    return active is not None and "attentions" in active
+
+
+# transformers 5.x installs its output-capturing forward hooks (``output_capturing_hook``) on the
+# attention modules for good the first time attentions are requested; they only act while a collector is
+# active, which recording_attentions sends to the original forward. Any other hook on the inner module does.
+def foreign_hooks(module: nn.Module) -> bool:
+    if module._forward_pre_hooks:
+        return True
+    return any(getattr(h, "__name__", "") != "output_capturing_hook" for h in module._forward_hooks.values())
+
+
+# the cached cross-attention keys / values of layer ``layer_idx`` (cache.layers[i] in 5.x).
+def cached_kv(cache, layer_idx: int):
+    if hasattr(cache, "layers"):
+        return cache.layers[layer_idx].keys, cache.layers[layer_idx].values
+    return cache.key_cache[layer_idx], cache.value_cache[layer_idx]

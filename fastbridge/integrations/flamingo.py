@@ -103,42 +103,6 @@ def _cache_arg(cache, kwargs: dict):
     return cache
 
 
-# compat: transformers 5.x records attentions through forward hooks on the attention modules while a
-# collector is active (utils.output_capturing); the fused layer skips the inner module, so recording
-# attentions must run the original forward. Older versions pass output_attentions as a kwarg.
-def _recording_attentions(kwargs: dict) -> bool:
-    if kwargs.get("output_attentions"):
-        return True
-    mod = sys.modules.get("transformers.utils.output_capturing")
-    collector = getattr(mod, "_active_collector", None)
-    if collector is None:
-        return False
-    if torch.compiler.is_compiling():  # Dynamo cannot trace ContextVar.get; transformers' compiled path is a global
-        active = getattr(collector, "global_var", None) if getattr(collector, "compiling", False) else None
-    else:
-        try:
-            active = collector.get()
-        except LookupError:
-            return False
-    return active is not None and "attentions" in active
-
-
-# compat: transformers 5.x installs its output-capturing forward hooks (``output_capturing_hook``) on the
-# attention modules for good the first time attentions are requested; they only act while a collector is
-# active, which _recording_attentions sends to the original forward. Any other hook on the inner module does.
-def _foreign_hooks(module: nn.Module) -> bool:
-    if module._forward_pre_hooks:
-        return True
-    return any(getattr(h, "__name__", "") != "output_capturing_hook" for h in module._forward_hooks.values())
-
-
-# compat: the cached cross-attention keys / values of layer ``layer_idx`` (cache.layers[i] in 5.x).
-def _cached_kv(cache, layer_idx: int):
-    if hasattr(cache, "layers"):
-        return cache.layers[layer_idx].keys, cache.layers[layer_idx].values
-    return cache.key_cache[layer_idx], cache.value_cache[layer_idx]
-
-
 # ------------------------------------------------------------------------------------ classes / patch
 def _base_class(kind: str):
     mod_name, cls_name, _ = _CLASSES[kind]
@@ -249,11 +213,11 @@ def _common_reason(attn: nn.Module, dropout: float, training: bool, kwargs: dict
     impl = getattr(getattr(attn, "config", None), "_attn_implementation", None)
     if impl not in IMPLEMENTATIONS:
         return f"attention implementation {impl!r} (fused for {IMPLEMENTATIONS})"
-    if _recording_attentions(kwargs):
+    if _compat.recording_attentions(kwargs):
         return "attention weights requested (output_attentions)"
     if training and float(dropout or 0.0) > 0.0:
         return "dropout in training"
-    if _foreign_hooks(attn) or "forward" in attn.__dict__:
+    if _compat.foreign_hooks(attn) or "forward" in attn.__dict__:
         return "hooks or an instance forward on the inner attention module"
     return None
 
@@ -401,7 +365,7 @@ def _mllama_forward(self, hidden_states, cross_attention_states=None, cross_atte
         if cache is not None:
             k, v = _compat.update_cache(cache, _compat.cache_keyword(), k, v, attn.layer_idx, kwargs)
     else:
-        k, v = _cached_kv(cache, attn.layer_idx)
+        k, v = _compat.cached_kv(cache, attn.layer_idx)
     gate = self.cross_attn_attn_gate
     fold = _foldable(gate, h, attn.o_proj)
     out = _attend(MLLAMA, q, k, v, plan, gate if fold else None, float(attn.scaling))
