@@ -166,6 +166,15 @@ def _fwd_epilogue(acc, m_m, l_m, o_p, m_p, l_p, G, OUT, LSE_M, LSE_P, b64, h64, 
 
 
 @triton.jit
+def _heavy_first(CAUSAL: tl.constexpr):
+    """Query-tile index of this program along grid axis 0. Causal: the last tile (most visible keys) first, so
+    the heaviest programs start in the first wave and the light ones fill the tail (FlashAttention-2's order)."""
+    if CAUSAL:
+        return tl.num_programs(0) - 1 - tl.program_id(0)
+    return tl.program_id(0)
+
+
+@triton.jit
 def _query_tile(pid_m, pid_bh, H, GROUP, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Batch / head / KV-head indices (int64) and the row / column offsets and masks of a query tile."""
     b = pid_bh // H
@@ -187,16 +196,17 @@ def _gated_attn_fwd_kernel(
     DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
-    b, b64, h64, hk64, start_m, offs_m, offs_d, mask_m, mask_d = _query_tile(tl.program_id(0), pid_bh, H, GROUP, Lq,
-                                                                             D, BLOCK_M, BLOCK_D)
+    b, b64, h64, hk64, start_m, offs_m, offs_d, mask_m, mask_d = _query_tile(_heavy_first(CAUSAL), pid_bh, H, GROUP,
+                                                                             Lq, D, BLOCK_M, BLOCK_D)
     q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    o_p, m_p, l_p = _prefix_pass(q, PK + b64 * spkb + hk64 * spkh, PV + b64 * spvb + hk64 * spvh, spkn, spvn, P,
-                                 offs_d, mask_d, qk_scale, BLOCK_M, BLOCK_P, BLOCK_D, DOT_PREC)
     hi = _causal_hi(start_m, Lq, Lk, BLOCK_M, CAUSAL)
     acc, m_m, l_m = _main_attention(q, K + b64 * skb + hk64 * skh, V + b64 * svb + hk64 * svh, skn, svn, start_m, 0,
                                     hi, offs_m, offs_d, mask_d, b, Lq, Lk, KPM, qk_scale, CAUSAL, HAS_KPM, BLOCK_M,
                                     BLOCK_N, BLOCK_D, DOT_PREC)
+    # The prompt pass after the key loop: its BLOCK_M x D fp32 accumulator is not live across the loop.
+    o_p, m_p, l_p = _prefix_pass(q, PK + b64 * spkb + hk64 * spkh, PV + b64 * spvb + hk64 * spvh, spkn, spvn, P,
+                                 offs_d, mask_d, qk_scale, BLOCK_M, BLOCK_P, BLOCK_D, DOT_PREC)
     _fwd_epilogue(acc, m_m, l_m, o_p, m_p, l_p, G, OUT, LSE_M, LSE_P, b64, h64, pid_bh, offs_m, offs_d, mask_m,
                   mask_d, sob, soh, som, Lq)
 
@@ -358,6 +368,12 @@ def _gated_attn_bwd_dkdv_kernel(
     v = tl.load(V + b64 * svb + hk64 * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # Key-major (Triton's fused-attention tutorial): Sᵀ = k qᵀ, dPᵀ = v dOᵀ, dv += Pᵀ dO, dk += dSᵀ q. Every
+    # dot has the key tile as its M dimension, so BLOCK_N >= 64 gives Hopper wgmma for all of them (the
+    # query-major form, S = q kᵀ with 32-row query tiles, compiled half of them to mma.sync).
+    keep_n = mask_n  # the key tile's padding mask is loop-invariant: loaded once
+    if HAS_KPM:
+        keep_n = keep_n & (tl.load(KPM + b64 * Lk + offs_n, mask=mask_n, other=0) != 0)
     # First query that can see this key tile (bottom-right causal), rounded down to a tile.
     lo = 0
     if CAUSAL:
@@ -375,17 +391,20 @@ def _gated_attn_bwd_dkdv_kernel(
             lse = tl.load(LSE_M + bh * Lq + offs_m, mask=mask_m, other=float("inf"))
             lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows without keys: P = 0
             delta = tl.load(DELTA_M + bh * Lq + offs_m, mask=mask_m, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            p = tl.exp2(s - (lse * _LOG2E)[:, None])
-            p = tl.where(_main_mask(offs_m, offs_n, b, Lq, Lk, KPM, CAUSAL, HAS_KPM) & mask_m[:, None], p, 0.0)
-            dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=DOT_PREC)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            ds = (p * (dp - delta[:, None])).to(dtype)
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+            p_t = tl.exp2(s_t - (lse * _LOG2E)[None, :])
+            vis_t = keep_n[:, None] & mask_m[None, :]
+            if CAUSAL:
+                vis_t = vis_t & (offs_n[:, None] <= offs_m[None, :] + (Lk - Lq))
+            p_t = tl.where(vis_t, p_t, 0.0)
+            dv += tl.dot(p_t.to(dtype), do, input_precision=DOT_PREC)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
             if ATOMIC_DQ:  # before dk's dot: with dk after it, Triton 3.6's ptxas (12.8) spills at D = 64
-                dq = tl.dot(ds, k, input_precision=DOT_PREC)
+                dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PREC)
                 tl.atomic_add(DQ_ACC + (bh * Lq + offs_m[:, None]) * D + offs_d[None, :], dq, mask=qmask,
                               sem="relaxed")
-            dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PREC)
+            dk += tl.dot(ds_t, q, input_precision=DOT_PREC)
     dk = dk * (qk_scale * _LN2)
     tl.store(DK + b64 * sdkb + hk64 * sdkh + offs_n[:, None] * sdkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=kv_mask)
@@ -406,8 +425,8 @@ def _gated_attn_bwd_dq_kernel(
     # MAIN_FROM_ACC: the main keys' part of dQ was accumulated by the dkdv kernel (ATOMIC_DQ); add the
     # prefix part, scale, cast.
     pid_bh = tl.program_id(1)
-    b, b64, h64, hk64, start_m, offs_m, offs_d, mask_m, mask_d = _query_tile(tl.program_id(0), pid_bh, H, GROUP, Lq,
-                                                                             D, BLOCK_M, BLOCK_D)
+    b, b64, h64, hk64, start_m, offs_m, offs_d, mask_m, mask_d = _query_tile(_heavy_first(CAUSAL), pid_bh, H, GROUP,
+                                                                             Lq, D, BLOCK_M, BLOCK_D)
     qmask = mask_m[:, None] & mask_d[None, :]
     dtype = Q.dtype.element_ty
     q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=qmask, other=0.0)
