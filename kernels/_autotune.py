@@ -3,11 +3,13 @@
 Two layers on top of the configuration functions (gated_attention.fwd_config / bwd_config):
 
 Tables. ``kernels/tuned/sm<arch>.json`` (shipped with the package; written on a GPU by
-``benchmarks/sweep_tiles.py run --write-table``) maps a kernel and head dim to the configuration that won the
-sweep there, e.g. ``{"fwd": {"128": [128, 64, 8, 2]}, "dkdv": {"64": [64, 64, 8, 2]}}``. A table entry replaces
-the built-in default of that arch only if it is one of the candidates below (every one of which
-``python -m fastbridge.sm90_check`` compiles spill-free), so a stale or hand-edited table can never launch an
-unchecked configuration. No table ships yet: none has been measured (there was no GPU).
+``benchmarks/sweep_tiles.py run --write-table``) maps a kernel and head-dim tile to the configuration that won
+the sweep there, e.g. ``{"fwd": {"128": [128, 64, 8, 2]}, "dkdv": {"64": [64, 64, 8, 2]}}``, for 2-byte inputs.
+An entry replaces the built-in default of that arch (and joins the autotune's candidates). The launchers read it,
+so ``python -m fastbridge.sm90_check`` -- which compiles what the launchers launch -- compiles the table's
+entries too: tests/test_sm90_compile.py fails a table entry that spills or overflows shared memory. Entries of the
+wrong form (not four positive integers, warps not 4 or 8) are ignored. No table ships yet: none has been
+measured (there was no GPU).
 
 Autotune. ``FASTBRIDGE_AUTOTUNE=1`` (off by default; CUDA only, never under the Triton interpreter, never
 while a CUDA graph is being captured) times the candidates of a kernel -- the default first and at most
@@ -83,13 +85,16 @@ def table(arch: int) -> dict:
         return {}
 
 
-def table_pick(kernel: str, arch: int, D: int, candidates: list[tuple]) -> tuple:
-    """The table's configuration for (kernel, D) on ``arch`` if it is one of ``candidates``; else the first
-    candidate (the built-in default)."""
+def _well_formed(entry) -> bool:
+    return (isinstance(entry, list) and len(entry) == 4 and all(isinstance(v, int) and v > 0 for v in entry)
+            and all(v & (v - 1) == 0 for v in entry[:2]) and entry[2] in (4, 8) and entry[3] <= 4)
+
+
+def table_pick(kernel: str, arch: int, D: int, default: tuple) -> tuple:
+    """The table's (BLOCK_M, BLOCK_N, num_warps, num_stages) for (kernel, head-dim tile D) on ``arch``, else
+    ``default``."""
     entry = table(arch).get(kernel, {}).get(str(D))
-    if entry is not None and tuple(entry) in candidates:
-        return tuple(entry)
-    return candidates[0]
+    return tuple(entry) if _well_formed(entry) else tuple(default)
 
 
 def _load(path: Path) -> dict:

@@ -632,16 +632,16 @@ TUNE_ALTERNATIVES = {
 
 
 def tune_candidates(kernel: str, D: int, arch: int = H100_ARCH, elem_size: int = 2, rows: int | None = None) -> list:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of a tuned kernel ("fwd", "dkdv", "dq"): the per-arch
-    table's pick (kernels/_autotune.table_pick, else the built-in default) first, then the other alternatives.
-    The forward is tuned for training / prefill tiles only (rows > 64: decode keeps its default)."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of a tuned kernel ("fwd", "dkdv", "dq"), at most
+    _autotune.MAX_CANDIDATES: the per-arch table's entry (kernels/_autotune.table_pick) or else the built-in
+    default first -- what runs without FASTBRIDGE_AUTOTUNE -- then the default and TUNE_ALTERNATIVES. 2-byte
+    inputs only; the forward for training / prefill tiles only (rows > 64: decode keeps its default)."""
     default = fwd_config(D, rows, arch, elem_size) if kernel == "fwd" else bwd_config(D, arch, elem_size)[kernel]
     if elem_size > 2 or (kernel == "fwd" and rows <= 64):
         return [default]
+    first = _autotune.table_pick(kernel, arch, pow2_at_least(D), default)
     alts = TUNE_ALTERNATIVES.get((kernel, not pre_hopper(arch), pow2_at_least(D)), [])
-    pool = list(dict.fromkeys([default, *alts]))
-    first = _autotune.table_pick(kernel, arch, pow2_at_least(D), pool)
-    return [first] + [c for c in pool if c != first]
+    return list(dict.fromkeys([first, default, *alts]))[:_autotune.MAX_CANDIDATES]
 
 
 PACK_MAX_LQ = 16  # pack-GQA is for decode / speculative steps: at most this many queries per head

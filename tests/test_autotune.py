@@ -71,16 +71,20 @@ def test_forcing_picks_each_candidate_for_the_compile_check():
     assert A.select("fwd", 90, torch.float16, 64, cands, None, torch.device("cpu")) == (1,)
 
 
-def test_tables_only_pick_checked_candidates(monkeypatch, tmp_path):
+def test_tables_replace_the_default_of_their_arch(monkeypatch, tmp_path):
     monkeypatch.setattr(A, "_TABLE_DIR", tmp_path)
     default = GA.bwd_config(128, 90)["dq"]
     assert GA.tune_candidates("dq", 128, 90)[0] == default  # no table: the built-in default first
-    alt = GA.TUNE_ALTERNATIVES[("dq", True, 128)][1]
-    (tmp_path / "sm90.json").write_text(json.dumps({"dq": {"128": list(alt)}, "fwd": {"128": [256, 256, 1, 1]}}))
+    (tmp_path / "sm90.json").write_text(json.dumps({"dq": {"128": [128, 32, 8, 3]}, "fwd": {"128": [256, 256, 1, 1]},
+                                                    "dkdv": {"128": [48, 64, 8, 2]}}))
     cands = GA.tune_candidates("dq", 128, 90)
-    assert cands[0] == alt and default in cands and len(cands) <= A.MAX_CANDIDATES
-    # an entry that is not a candidate (unchecked) is ignored
+    assert cands[0] == (128, 32, 8, 3) and default in cands and len(cands) <= A.MAX_CANDIDATES
+    assert GA.tune_candidates("dq", 128, 80)[0] == GA.bwd_config(128, 80)["dq"]  # another arch: its own table
+    # malformed entries (1 warp; a non-power-of-two tile) are ignored
     assert GA.tune_candidates("fwd", 128, 90, 2, 4096)[0] == GA.fwd_config(128, 4096, 90)
+    assert GA.tune_candidates("dkdv", 128, 90)[0] == GA.bwd_config(128, 90)["dkdv"]
+    # the launch takes the table's entry without FASTBRIDGE_AUTOTUNE
+    assert A.select("dq", 90, torch.bfloat16, 128, cands, None, torch.device("cpu")) == (128, 32, 8, 3)
 
 
 def test_candidates_are_bounded_and_untuned_cases_keep_the_default():

@@ -211,3 +211,36 @@ def test_run_command_end_to_end_with_the_device_and_timer_stood_in(monkeypatch, 
     assert [r["kernel"] for r in doc["records"]].count("pre") == 1  # no pre candidates in the file: default only
     table = (tmp_path / "sweep_results.md").read_text()
     assert "| fwd | 64 | BM=128 BN=64 w=8 s=2 | BM=128 BN=32 w=8 s=3 | 0.640 → 0.320 | 2.000× | 3 | 0 |" in table
+
+
+def test_default_table_keeps_winners_above_the_gain_and_merges(tmp_path):
+    """run --write-table: per kernel and head dim the winner if >= 2 % faster than the default, else the default;
+    only the kernels whose launch reads the table; merged into an existing file."""
+    def timed(kernel, d, *ms):
+        cands = [S.Candidate(kernel, d, *S.default_config(kernel, d))]
+        cands += [S.Candidate(kernel, d, 16 * (i + 1), 32, 4, 2) for i in range(len(ms) - 1)]
+        return [S.Timed(c, ms={"p": m}) for c, m in zip(cands, ms)]
+
+    runs = {("fwd", 128): timed("fwd", 128, 1.0, 0.9, 0.95), ("dq", 64): timed("dq", 64, 1.0, 0.99),
+            ("pre", 128): timed("pre", 128, 1.0, 0.5), ("dkdv", 96): timed("dkdv", 96, 1.0, 0.5)}
+    runs[("dkdv", 96)][1].error = "wrong"  # a wrong candidate never wins
+    table = S.default_table(runs)
+    assert table == {"fwd": {"128": [16, 32, 4, 2]}, "dq": {"64": list(S.default_config("dq", 64))},
+                     "dkdv": {"128": list(S.default_config("dkdv", 96))}}
+    path = tmp_path / "tuned" / "sm90.json"
+    S.write_table(path, {"fwd": {"64": [64, 64, 4, 2]}})
+    S.write_table(path, table)
+    doc = json.loads(path.read_text())
+    assert doc["fwd"] == {"64": [64, 64, 4, 2], "128": [16, 32, 4, 2]} and "pre" not in doc
+
+
+def test_override_bypasses_the_per_arch_table(monkeypatch, tmp_path):
+    from fastbridge.kernels import _autotune
+
+    monkeypatch.setattr(_autotune, "_TABLE_DIR", tmp_path)
+    (tmp_path / "sm90.json").write_text(json.dumps({"dq": {"128": [128, 32, 8, 3]}}))
+    assert S.GA.tune_candidates("dq", 128)[0] == (128, 32, 8, 3)
+    c = S.Candidate("dq", 128, 64, 128, 8, 2)
+    with S.override(c):
+        assert S.GA.tune_candidates("dq", 128)[0] == (64, 128, 8, 2)
+    assert S.GA.tune_candidates("dq", 128)[0] == (128, 32, 8, 3)
