@@ -187,19 +187,24 @@ def _query_tile(pid_m, pid_bh, H, GROUP, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: 
     query heads' Lq queries (row r: head hk·GROUP + r // Lq, query r % Lq); the head is then per row and
     offs_m holds each row's query index."""
     offs_d = tl.arange(0, BLOCK_D)
-    if PACK:
+    if PACK:  # one return below: Triton compiles only the taken branch of a constexpr if, but checks all returns
         Hkv = H // GROUP
         b = pid_bh // Hkv
         hk = pid_bh % Hkv
         r = tl.arange(0, BLOCK_M)
-        return (b, b.to(tl.int64), (hk * GROUP + r // Lq).to(tl.int64), hk.to(tl.int64), 0, r % Lq, offs_d,
-                r < GROUP * Lq, offs_d < D)
-    b = pid_bh // H
-    h = pid_bh % H
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    return (b, b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64), start_m, offs_m, offs_d, offs_m < Lq,
-            offs_d < D)
+        h64 = (hk * GROUP + r // Lq).to(tl.int64)
+        start_m = 0
+        offs_m = r % Lq
+        mask_m = r < GROUP * Lq
+    else:
+        b = pid_bh // H
+        h = pid_bh % H
+        hk = h // GROUP
+        h64 = h.to(tl.int64)
+        start_m = pid_m * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < Lq
+    return b, b.to(tl.int64), h64, hk.to(tl.int64), start_m, offs_m, offs_d, mask_m, offs_d < D
 
 
 @triton.jit
