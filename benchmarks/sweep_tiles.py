@@ -201,7 +201,7 @@ def compile_args(c: Candidate, variant: str):
         tiles["BLOCK_P"] = block_p
     mask = dict(CAUSAL=True, HAS_KPM=flags["HAS_KPM"])
     constexprs = {
-        "fwd": dict(mask, **tiles),
+        "fwd": dict(mask, **tiles, PACK=False),  # training / prefill: not the decode pack-GQA tile
         "pre": dict(tiles, GROUP=flags["GROUP"]),
         "dkdv": dict(mask, **tiles, GROUP=flags["GROUP"], ATOMIC_DQ=atomic),
         "dq": dict(mask, **tiles, MAIN_FROM_ACC=atomic),
