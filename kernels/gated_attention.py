@@ -527,6 +527,8 @@ def fwd_config(D: int, Lq: int, arch: int = H100_ARCH, elem_size: int = 2) -> tu
     if Lq <= 16:
         block_m = 16
     block_n = 64 if D <= 128 else 32
+    if block_m == 16 and D <= 16:  # 32 keys: with 64 the split kernel spills (Triton 3.6, sm_80) and the packed
+        block_n = 32               # decode forward (sm_90: 16 B of stack)
     # A 16-row (decode) tile takes 4 warps at any D: with 8 at D = 256, Triton 3.6's ptxas stops at 128
     # registers and spills. A 64-row tile takes 8 at D >= 128: with 4 it spills at D = 128 (sm_90).
     warps = 8 if block_m == 128 or (D >= 128 and block_m > 16) else 4
@@ -534,8 +536,6 @@ def fwd_config(D: int, Lq: int, arch: int = H100_ARCH, elem_size: int = 2) -> tu
     if pre_hopper(arch):  # mma.sync; the H100 tiles below spill there
         if block_m > 16 and D >= 64:  # half the rows, 8 warps
             block_m, warps = block_m // 2, 8
-        elif block_m == 16 and D <= 16:  # 32 keys: with 64 the split kernel spills (Triton 3.6, sm_80)
-            block_n = 32
     if small_smem(arch, elem_size) and block_m > 16:  # fp32 on 99 KB: 32 keys at D = 128, 1 stage above
         if D > 128:
             stages = 1
@@ -545,9 +545,10 @@ def fwd_config(D: int, Lq: int, arch: int = H100_ARCH, elem_size: int = 2) -> tu
 
 
 def combine_warps(block_m: int, D: int) -> int:
-    """num_warps of the decode combine kernel (no key loop): 8 for a 128-row tile or D > 128 (every arch and
-    element size: it spills or overflows nowhere)."""
-    return 8 if block_m == 128 or D > 128 else 4
+    """num_warps of the decode combine kernel (no key loop): 8 for a 128-row tile or D >= 128 (every arch and
+    element size: it spills or overflows nowhere; with 4 at D = 128 the packed-GQA combine has 24 B of stack on
+    sm_90)."""
+    return 8 if block_m == 128 or D >= 128 else 4
 
 
 def bwd_config(D: int, arch: int = H100_ARCH, elem_size: int = 2) -> dict[str, tuple[int, int, int, int]]:
@@ -563,12 +564,14 @@ def bwd_config(D: int, arch: int = H100_ARCH, elem_size: int = 2) -> dict[str, t
         c = (32, 32, 8, 1)
         cfg = {"pre": c, "dkdv": c, "dq": c}
     if pre_hopper(arch):  # mma.sync: the entries that spill there get fewer rows / keys, stages or warps
+        # dq: 8 warps (with 4 the launched specialisation spills 8 B: sm_80 at D = 64, sm_89 at D = 128); D = 256
+        # dkdv: 16 rows (the atomic variant's launched specialisation spills 8 B with 32 on sm_80 and sm_89)
         if D <= 64:
-            cfg.update(pre=(32, 0, 4, 2), dkdv=(64, 32, 8, 2), dq=(32, 64, 4, 2))
+            cfg.update(pre=(32, 0, 4, 2), dkdv=(64, 32, 8, 2), dq=(32, 64, 8, 2))
         elif D <= 128:
-            cfg.update(dkdv=(32, 64, 8, 1), dq=(32, 64, 4, 2))
+            cfg.update(dkdv=(32, 64, 8, 1), dq=(32, 64, 8, 2))
         else:
-            cfg.update(dq=(16, 32, 8, 1))
+            cfg.update(dq=(16, 32, 8, 1), dkdv=(16, 32, 8, 1))
         # fp32: tiles twice the bytes. D = 256's dkdv (TF32 dots; and pre with Triton 3.6) needs more than
         # sm_80's 163 KB, and on 99 KB GPUs (sm_86 / sm_89) D = 128's dkdv and dq too.
         if elem_size > 2 and D > 128:
