@@ -1,17 +1,28 @@
 """Compile fastbridge's Triton kernels for a GPU target without a GPU and report their resources.
 
     python -m fastbridge.sm90_check [--arch 90 | --arch 80 89 | --arch all] [--dtype bf16 [fp32 ...]] [--jobs N]
-                                    [--allow-spills]
+                                    [--allow-spills] [--only PREFIX]
 
-For each launch configuration the launchers pick for that arch (sm_80 A100, sm_86 RTX 30xx / A6000,
-sm_89 RTX 40xx / L4 / L40, sm_90 H100; ``all``: each of them), compiles the kernel to PTX and cubin with
-Triton's bundled ptxas and reports registers per thread, stack frame (spills), shared memory and whether
-the PTX uses wgmma (Hopper tensor-core instructions). Exits 1 if any configuration spills or needs more
-shared memory than a block of that arch may have (kernels/_common.SMEM_PER_BLOCK); tests/test_sm90_compile.py
-runs it, so no such configuration reaches a GPU run. --dtype compiles the kernels for fp16 or fp32 inputs
-(fp32: dots as torch's default "highest" matmul precision, fp32-tf32: as "high") instead of bf16, with the
-configurations the launchers pick for that element size (4 bytes for fp32); several dtypes: one section each.
---allow-spills: only shared memory fails (fp32's configurations spill on every arch; accepted).
+What is compiled: the launches the launchers actually make. Each launcher (kernels/adapter_block.py,
+kernels/gated_attention.py) is called on CPU tensors of representative shapes (adapter_block_launches,
+gated_attention_launches: training / prefill with both dQ modes, short prompts, decode packed and not, with and
+without split-K, the adapter at two row counts, and every autotune candidate) believing it runs on the target
+arch with that arch's SM count; each kernel launch is recorded instead of run, bound by Triton's own binder for
+the target -- integers equal to 1 become constants, multiples of 16 and 16-byte aligned pointers get
+divisibility hints, exactly as at launch -- and compiled once per distinct specialisation (sm_80 A100, sm_86
+RTX 30xx / A6000, sm_89 RTX 40xx / L4 / L40, sm_90 H100; ``all``: each of them) to PTX and cubin with Triton's
+bundled ptxas. Reported per launch: registers per thread, stack frame (spills), shared memory, and the
+wgmma.mma_async / mma.sync instruction counts of the PTX (Hopper tensor cores read operands from shared memory;
+mma.sync is the pre-Hopper path, operands in registers).
+
+Exits 1 if any launch spills, needs more shared memory than a block of that arch may have
+(kernels/_common.SMEM_PER_BLOCK), or -- for sm_90 and later -- is a hot kernel (the gated-attention key loops
+whose matmul tiles have M >= 64 rows, where wgmma is possible) with an mma.sync matmul ("NOT WGMMA"); the other
+kernels carry the reason they are exempt (decode tiles below 64 rows, memory-bound adapter kernels, prompt-sized
+work). tests/test_sm90_compile.py runs it, so no such launch reaches a GPU run. --dtype calls the launchers with
+fp16 or fp32 inputs (fp32: under torch's default "highest" matmul precision, fp32-tf32: under "high") instead of
+bf16; several dtypes: one section each. --allow-spills: spills do not fail (fp32's configurations spill on every
+arch; accepted).
 """
 from __future__ import annotations
 
