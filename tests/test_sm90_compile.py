@@ -1,4 +1,5 @@
-"""Launch configurations per GPU arch: every one compiles without spills and within the arch's shared memory.
+"""Launch configurations per GPU arch: every launch the launchers make (as Triton specialises it) compiles without
+spills and within the arch's shared memory; on sm_90 the hot gated-attention kernels compile to wgmma only.
 
 Runs without a GPU: Triton compiles to PTX and cubin with its bundled ptxas; cuobjdump reports the
 stack frame (spills), registers and shared memory (python -m fastbridge.sm90_check). A spilling or
