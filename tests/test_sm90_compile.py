@@ -48,6 +48,8 @@ def _sections(stdout: str) -> dict:
     return out
 
 
+# The check runs from the repository root: `python -m fastbridge.sm90_check` then compiles this checkout's
+# fastbridge (from tests/ it imported whichever fastbridge is installed).
 def _env_without_interpreter() -> dict:
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
@@ -56,7 +58,7 @@ def test_kernel_configs_compile_without_spills_within_shared_memory():
     cmd = [sys.executable, "-m", "fastbridge.sm90_check", "--arch", *map(str, COMPILED_ARCHS),
            "--jobs", str(os.cpu_count() or 1)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env_without_interpreter(),
-                          cwd=str(Path(__file__).parent), timeout=2400)
+                          cwd=str(Path(__file__).parent.parent), timeout=2400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     sections = _sections(proc.stdout)
     assert sorted(sections) == sorted(COMPILED_ARCHS), proc.stdout[-4000:]
@@ -125,7 +127,7 @@ def test_fp32_configs_fit_shared_memory_on_sm80_and_sm89():
     cmd = [sys.executable, "-m", "fastbridge.sm90_check", "--arch", *map(str, FP32_ARCHS), "--dtype", *FP32_DTYPES,
            "--allow-spills", "--jobs", str(os.cpu_count() or 1)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env_without_interpreter(),
-                          cwd=str(Path(__file__).parent), timeout=1200)
+                          cwd=str(Path(__file__).parent.parent), timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     sections = _sections(proc.stdout)
     assert sorted(sections) == sorted((a, d) for a in FP32_ARCHS for d in FP32_DTYPES), proc.stdout[-4000:]
