@@ -158,13 +158,14 @@ def test_runner_times_default_first_skips_wrong_candidates_and_reports(monkeypat
     log = []
     timed = S.Runner(problems, bench, log=log.append).sweep(cands, budget=6)
     assert timed[0].candidate.is_default and len(timed) == 6
-    # One per tile first (its variant nearest the default's 4 warps, 2 stages), the default first ...
-    assert [t.candidate.config for t in timed[:4]] == [(64, 64, 4, 2), (32, 128, 4, 2), (128, 32, 4, 2), wrong_cfg]
+    w = S.default_config("dkdv", 64)[2]  # the default's warps (8 since the key-major dkdv, issue 16)
+    # One per tile first (its variant nearest the default's warps and 2 stages), the default first ...
+    assert [t.candidate.config for t in timed[:4]] == [(64, 64, w, 2), (32, 128, w, 2), (128, 32, w, 2), wrong_cfg]
     assert timed[3].error.startswith("wrong at L=40 B=1: dk:") and not timed[3].ms
     # ... then the fastest tile's other variants, nearest first.
-    assert [t.candidate.config for t in timed[4:]] == [(32, 128, 4, 1), (32, 128, 4, 3)]
+    assert [t.candidate.config for t in timed[4:]] == [(32, 128, w, 1), (32, 128, w, 3)]
     best = max(timed, key=lambda t: S.speedup(timed[0], t))
-    assert best.candidate.config == (32, 128, 4, 3) and not best.error
+    assert best.candidate.config == (32, 128, w, 3) and not best.error
     assert S.speedup(timed[0], best) == pytest.approx(0.98 / 0.47)
     table = S.markdown_table({("dkdv", 64): timed}, {64: problems})
     assert best.candidate.label in table and "2.085×" in table and "| 6 | 1 |" in table  # 6 timed, 1 wrong
