@@ -41,7 +41,8 @@ packages = [
     "fastbridge.csrc",
 ]
 package_dir = {"fastbridge": "fastbridge", "fastbridge.kernels": "kernels", "fastbridge.csrc": "csrc"}
-package_data = {"fastbridge.csrc": ["*.cpp", "*.cu", "*.h", "*.txt"]}
+package_data = {"fastbridge.csrc": ["*.cpp", "*.cu", "*.h", "*.txt"],
+                "fastbridge.kernels": ["tuned/*.json"]}  # per-arch launch tables (kernels/_autotune.py)
 
 aot = {}
 if os.environ.get("FASTBRIDGE_BUILD_EXT", "").strip() == "1":  # ahead-of-time C++/CUDA extension

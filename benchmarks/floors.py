@@ -123,16 +123,16 @@ def fused_bytes_as_written(s: AdapterShape, mode: str, sms: int = H100_SMS) -> i
 
     fwd (one kernel): pass A (LN only) reads x; pass B reads x; pass C re-reads x as the residual;
         writes y, z (+ mean, rstd); W_down, W_up read once (they stay in L2 across programs).
-    bwd rows kernel: loop 1 reads dy (g = dy·W_up); reads z, writes dz and Σa·g (4 B/row);
+    bwd rows kernel: loop 1 reads dy (g = dy·W_up); reads z, writes dz, a = act(z) and Σa·g (4 B/row);
         LN loop reads x (+ stats); the dx loop re-reads x (LN) and dy (residual = x), writes dx.
-    bwd weights kernel (grid: d tiles × N splits × r tiles): reads dy, x, z, dz (+ stats) once per
-        r tile (z, dz, stats re-reads across the d tiles of one N split counted once: they are small
+    bwd weights kernel (grid: d tiles × N splits × r tiles): reads dy, x, a, dz (+ stats) once per
+        r tile (a, dz, stats re-reads across the d tiles of one N split counted once: they are small
         and shared in L2), writes fp32 partials (splits × (2·d·r + d + r) [+ splits × r tiles × 2d])
         that torch then sums (read) into the gradients (write).
     """
     X, Z, S, W = s.X, s.Z, s.S, s.W
     fwd = (3 if s.ln else 2) * X + X + Z + S + W
-    rows = 2 * X + (2 * X + S if s.ln else 0) + X + Z + Z + 4 * s.n + W
+    rows = 2 * X + (2 * X + S if s.ln else 0) + X + Z + Z + Z + 4 * s.n + W
     splits, rt = weights_grid(s, sms)
     part = (splits * (2 * s.d * s.r + s.d + s.r) + (splits * rt * 2 * s.d if s.ln else 0)) * 4
     weights = rt * (2 * X + 2 * Z + S) + W + part + part + W

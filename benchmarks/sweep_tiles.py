@@ -34,7 +34,10 @@ run (CUDA GPU; exits with code 2 without one)
     D=128, P=10, bf16, causal, MHA). Writes DIR/sweep_results.json (device, versions, date, ms and TFLOP/s
     of every candidate) and DIR/sweep_results.md, the printed table: per kernel and D the default, the
     best candidate (by geometric-mean speed-up over the shapes), their times and the speed-up. About 2-3 s
-    per candidate (compile, check, time): the defaults take about 3 minutes on an H100.
+    per candidate (compile, check, time): the defaults take about 3 minutes on an H100. --write-table: the
+    fwd / dkdv / dq winners (>= 2 % faster than the built-in default, else the default) go into this GPU's
+    per-arch default table, kernels/tuned/sm<arch>.json, which the launchers read (kernels/_autotune.py);
+    commit it after `python -m fastbridge.sm90_check --arch <arch>` passes (it compiles the table's entries).
 
 Kernels (names in the JSON and --kernels): fwd (the training / prefill forward; the decode split and
 combine kernels are not swept), pre, dkdv, dq (backward, FASTBRIDGE_GA_DQ=separate), dkdv_atomic and
@@ -64,6 +67,7 @@ from fastbridge.kernels._common import H100_ARCH, SMEM_PER_BLOCK
 from fastbridge.sm90_check import GA_SIGNATURES
 
 DEFAULT_OUT = Path("/tmp/fastbridge-sweep")
+TABLE_DIR = Path(__file__).resolve().parent.parent / "kernels" / "tuned"  # per-arch tables (kernels/_autotune.py)
 CANDIDATES_FILE = "sweep_candidates.json"
 RESULTS_FILE = "sweep_results.json"
 SMEM_LIMIT = SMEM_PER_BLOCK[H100_ARCH]  # H100: maximum dynamic shared memory per block (bytes)
@@ -197,7 +201,7 @@ def compile_args(c: Candidate, variant: str):
         tiles["BLOCK_P"] = block_p
     mask = dict(CAUSAL=True, HAS_KPM=flags["HAS_KPM"])
     constexprs = {
-        "fwd": dict(mask, **tiles),
+        "fwd": dict(mask, **tiles, PACK=False),  # training / prefill: not the decode pack-GQA tile
         "pre": dict(tiles, GROUP=flags["GROUP"]),
         "dkdv": dict(mask, **tiles, GROUP=flags["GROUP"], ATOMIC_DQ=atomic),
         "dq": dict(mask, **tiles, MAIN_FROM_ACC=atomic),
@@ -306,7 +310,8 @@ def _env(**values: str):
 @contextlib.contextmanager
 def override(c: Candidate):
     """Launch ``c``'s kernel with its configuration at head dim c.d, everything else as by default, in
-    its dQ mode. Swaps kernels.gated_attention's fwd_config / bwd_config; restores them on exit."""
+    its dQ mode. Swaps kernels.gated_attention's fwd_config / bwd_config; restores them on exit. The per-arch
+    table and FASTBRIDGE_AUTOTUNE are off meanwhile (the launch takes exactly these configurations)."""
     if c.kernel == "fwd":
         def fwd_config(D, Lq, arch=H100_ARCH, elem_size=2):
             return c.config if D == c.d and Lq > 64 else _FWD_DEFAULT(D, Lq, arch, elem_size)
@@ -318,11 +323,14 @@ def override(c: Candidate):
             return {**cfg, BWD_ENTRY[c.kernel]: c.config} if D == c.d else cfg
 
         GA.bwd_config = bwd_config
+    table = GA._autotune.table
+    GA._autotune.table = lambda arch: {}
     try:
-        with _env(**{GA.DQ_ENV: DQ_MODE[c.kernel]}):
+        with _env(**{GA.DQ_ENV: DQ_MODE[c.kernel], GA._autotune.ENV: "0"}):
             yield
     finally:
         GA.fwd_config, GA.bwd_config = _FWD_DEFAULT, _BWD_DEFAULT
+        GA._autotune.table = table
 
 
 def mismatches(got: dict, want: dict, precision: str) -> list[str]:
@@ -589,6 +597,37 @@ def markdown_table(timed: dict, problems: dict) -> str:
     return "\n".join(rows)
 
 
+TABLE_KERNELS = ("fwd", "dkdv", "dq")  # the kernels whose launch reads the per-arch table (kernels/_autotune.py)
+TABLE_MIN_GAIN = 1.02  # a winner replaces the built-in default only if at least this much faster (geomean)
+
+
+def default_table(timed: dict, min_gain: float = TABLE_MIN_GAIN) -> dict:
+    """The per-arch default table (kernels/tuned/sm<arch>.json) from a run's timings: per table kernel and head
+    dim, the best correct candidate where it beats the default by min_gain or more; else the default (written
+    too, so the table records what was measured)."""
+    out: dict = {}
+    for (kernel, d), ts in timed.items():
+        if kernel not in TABLE_KERNELS or not ts or ts[0].error:
+            continue
+        base = ts[0]
+        best = max(ts, key=lambda t: speedup(base, t))
+        pick = best if speedup(base, best) >= min_gain else base
+        out.setdefault(kernel, {})[str(GA.pow2_at_least(d))] = list(pick.candidate.config)
+    return out
+
+
+def write_table(path: Path, table: dict) -> None:
+    """Merge ``table`` into the JSON at ``path`` (other kernels / head dims kept)."""
+    try:
+        old = json.loads(path.read_text())
+    except FileNotFoundError:
+        old = {}
+    for kernel, per_d in table.items():
+        old.setdefault(kernel, {}).update(per_d)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def _env_info() -> dict:
     import triton
@@ -726,6 +765,12 @@ def cmd_run(a) -> int:
     (a.out / RESULTS_FILE).write_text(json.dumps(doc, indent=1) + "\n")
     (a.out / RESULTS_FILE.replace(".json", ".md")).write_text(table + "\n")
     print(table)
+    if a.write_table:
+        major, minor = torch.cuda.get_device_capability()
+        path = TABLE_DIR / f"sm{10 * major + minor}.json"
+        write_table(path, default_table(timed))
+        print(f"per-arch default table: {path} (commit it after `python -m fastbridge.sm90_check --arch "
+              f"{10 * major + minor}` passes: it compiles the table's entries)")
     print(f"sweep: {time.perf_counter() - t0:.0f} s; results in {a.out / RESULTS_FILE}")
     return 0
 
@@ -788,6 +833,9 @@ def main(argv=None) -> int:
                     help="timed candidates per kernel and D, the default included (default 12)")
     pr.add_argument("--warmup-ms", type=float, default=25.0)
     pr.add_argument("--rep-ms", type=float, default=100.0)
+    pr.add_argument("--write-table", action="store_true",
+                    help="write the winners (>= 2 %% faster than the default) of fwd / dkdv / dq into this GPU's "
+                         "per-arch default table, kernels/tuned/sm<arch>.json")
     pr.set_defaults(fn=cmd_run)
     a = ap.parse_args(argv)
     return a.fn(a)

@@ -10,10 +10,12 @@ Forward, one kernel, one program per tile of BLOCK_M rows, passes over d in BLOC
 Saved for backward: z (N x r, x's dtype) and mean / rstd (N, fp32) -- O(N·r), never O(N·d).
 
 Backward, two kernels:
-  rows    per row tile: g = dy @ W_up, dz = s·g·act'(z), Σ_j a·g (for ds); then dh = dz @ W_down
-          recomputed per chunk, LayerNorm backward, dx (+ dy when the residual is x).
-  weights per (d tile, N split): dW_up = s·dyᵀa, dW_down = dzᵀh (h recomputed from x), db_up,
-          dγ, dβ, db_down, into fp32 partial buffers summed once (deterministic, no atomics).
+  rows    per row tile: g = dy @ W_up, a = act(z) (stored, N x r, for the weights kernel), dz = s·g·act'(z),
+          Σ_j a·g (for ds); then dh = dz @ W_down recomputed per chunk, LayerNorm backward, dx (+ dy when the
+          residual is x).
+  weights per (d tile, N split): dW_up = s·dyᵀa (a read, not recomputed per d tile), dW_down = dzᵀh (h
+          recomputed from x), db_up, dγ, dβ, db_down, into fp32 partial buffers summed once (deterministic,
+          no atomics).
 ds = Σ dy·u = Σ_n a·g + colsum(dy)·b_up, so u is never materialised (and stays right when s = 0,
 e.g. a zero-initialised tanh gate).
 """
@@ -167,7 +169,7 @@ def _adapter_fwd_kernel(
 
 @triton.jit
 def _adapter_bwd_rows_kernel(
-    DY, X, DX, WD, WU, LNW, Z, MEAN, RSTD, S, DZ, AG,
+    DY, X, DX, WD, WU, LNW, Z, MEAN, RSTD, S, DZ, A, AG,
     scale, N, D, R, stride_dym, stride_xm, stride_dxm,
     ACT: tl.constexpr, HAS_LN: tl.constexpr, HAS_RES: tl.constexpr, HAS_S: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -191,6 +193,9 @@ def _adapter_bwd_rows_kernel(
     z = tl.load(Z + offs_m64[:, None] * R + offs_r[None, :], mask=zmask, other=0.0).to(tl.float32)
     a = tl.where(zmask, _act(z, ACT), 0.0)
     tl.store(AG + offs_m, tl.sum(a * g, axis=1), mask=mask_m)
+    # act(z) for the weights kernel, in the dtype its dot takes (one N x r write instead of an erf / exp per
+    # element in each of its D / BLOCK_D programs)
+    tl.store(A + offs_m64[:, None] * R + offs_r[None, :], a.to(A.dtype.element_ty), mask=zmask)
     s = _scale_value(scale, S, HAS_S)
     dz = tl.where(zmask, s * g * _act_grad(z, ACT), 0.0)
     tl.store(DZ + offs_m64[:, None] * R + offs_r[None, :], dz.to(DZ.dtype.element_ty), mask=zmask)
@@ -236,10 +241,10 @@ def _adapter_bwd_rows_kernel(
 
 @triton.jit
 def _adapter_bwd_weights_kernel(
-    DY, X, Z, DZ, WD, LNW, LNB, MEAN, RSTD,
+    DY, X, A, DZ, WD, LNW, LNB, MEAN, RSTD,
     DWU, DWD, DBU, DBD, DLNW, DLNB,
     N, D, R, stride_dym, stride_xm, rows_per_split,
-    ACT: tl.constexpr, HAS_LN: tl.constexpr, HAS_LNB: tl.constexpr,
+    HAS_LN: tl.constexpr, HAS_LNB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
@@ -274,8 +279,7 @@ def _adapter_bwd_weights_kernel(
         mask = mask_n[:, None] & mask_d[None, :]
         zmask = mask_n[:, None] & mask_r[None, :]
         dy = tl.load(DY + offs_n64[:, None] * stride_dym + offs_d[None, :], mask=mask, other=0.0)
-        z = tl.load(Z + offs_n64[:, None] * R + offs_r[None, :], mask=zmask, other=0.0).to(tl.float32)
-        a = tl.where(zmask, _act(z, ACT), 0.0).to(dtype)
+        a = tl.load(A + offs_n64[:, None] * R + offs_r[None, :], mask=zmask, other=0.0)  # act(z), rows kernel
         dz = tl.load(DZ + offs_n64[:, None] * R + offs_r[None, :], mask=zmask, other=0.0)
         x = tl.load(X + offs_n64[:, None] * stride_xm + offs_d[None, :], mask=mask, other=0.0)
         dy = dy.to(dtype)
@@ -316,9 +320,32 @@ def _adapter_bwd_weights_kernel(
 # compiles without spills and within the arch's shared memory for sm_80, sm_86, sm_89 and sm_90
 # (python -m fastbridge.sm90_check --arch all; enforced by tests/test_sm90_compile.py). Not yet tuned on a GPU.
 # --------------------------------------------------------------------------------------------------
-def _row_config(block_r: int, d: int, arch: int = H100_ARCH, elem_size: int = 2) -> tuple[int, int, int]:
+def _row_config(block_r: int, d: int, arch: int = H100_ARCH, elem_size: int = 2, n_rows: int | None = None,
+                sms: int | None = None) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps) for the row-tile kernels (forward, backward rows); elem_size: bytes per x
-    element."""
+    element. With n_rows and sms: the row tile from N and the SM count (row_tile)."""
+    block_m, block_d, warps = _row_config_base(block_r, d, arch, elem_size)
+    if n_rows is not None and sms is not None:
+        block_m = row_tile(block_m, n_rows, sms)
+    return block_m, block_d, warps
+
+
+# Row tiles: a 64-row tile launches N / 64 programs -- at N = 4096 that is 64 on the H100's 132 SMs, half of them
+# idle in a memory-bound kernel. Halve the tile (once: 32 rows) when the 64-row grid covers under this fraction
+# of the SMs and the 32-row one does better (benchmarks/notes/adapter_block.md, "Row tiles from N").
+ROW_FILL = 0.9
+
+
+def row_tile(block_m: int, n_rows: int, sms: int) -> int:
+    """The row tile for N = n_rows rows on a GPU of ``sms`` SMs: ``block_m`` (the configuration's), or 32 where a
+    64-row grid would fill under ROW_FILL of the SMs (the 32-row kernels compile without spills on every arch:
+    sm90_check launches N = 2048)."""
+    if block_m == 64 and triton.cdiv(n_rows, 64) < ROW_FILL * sms:
+        return 32
+    return block_m
+
+
+def _row_config_base(block_r: int, d: int, arch: int, elem_size: int) -> tuple[int, int, int]:
     if block_r <= 64:
         # fp32 on 99 KB GPUs (sm_86 / sm_89): 64-column chunks (128 take 97 KB of the 99 at 2 stages, and the
         # backward spills more).
@@ -388,7 +415,7 @@ def adapter_forward(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, acti
         return y, z, mean, rstd
     block_r = pow2_at_least(R)
     arch, elem = device_arch(dev), x.element_size()
-    block_m, block_d, warps = _row_config(block_r, D, arch, elem)
+    block_m, block_d, warps = _row_config(block_r, D, arch, elem, N, sm_count(dev))
     dummy = x
     _adapter_fwd_kernel[(triton.cdiv(N, block_m),)](
         x, residual if residual is not None else dummy, y, w_down,
@@ -424,12 +451,13 @@ def adapter_backward(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, 
 
     dx = empty((N, D), x.dtype, dev)
     dz = empty((N, R), x.dtype, dev)
+    a = empty((N, R), x.dtype, dev)  # act(z), written by the rows kernel, read by the weights kernel
     ag = empty((N,), torch.float32, dev)
     if N > 0:
-        block_m, block_d, warps = _row_config(block_r, D, arch, elem)
+        block_m, block_d, warps = _row_config(block_r, D, arch, elem, N, sm_count(dev))
         _adapter_bwd_rows_kernel[(triton.cdiv(N, block_m),)](
             dy, x, dx, w_down, w_up, ln_weight if has_ln else dummy, z,
-            mean if has_ln else dummy, rstd if has_ln else dummy, s if s is not None else dummy, dz, ag,
+            mean if has_ln else dummy, rstd if has_ln else dummy, s if s is not None else dummy, dz, a, ag,
             float(scale), N, D, R, dy.stride(0), x.stride(0), dx.stride(0),
             ACT=act, HAS_LN=has_ln, HAS_RES=has_residual, HAS_S=s is not None,
             BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PREC=prec, num_warps=warps,
@@ -446,11 +474,11 @@ def adapter_backward(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, 
     p_lw = empty((splits * n_rtiles, D) if has_ln else (0,), f32, dev)
     p_lb = empty((splits * n_rtiles, D) if has_ln else (0,), f32, dev)
     _adapter_bwd_weights_kernel[(n_dtiles, splits, n_rtiles)](
-        dy, x, z, dz, w_down, ln_weight if has_ln else dummy, ln_bias if ln_bias is not None else dummy,
+        dy, x, a, dz, w_down, ln_weight if has_ln else dummy, ln_bias if ln_bias is not None else dummy,
         mean if has_ln else dummy, rstd if has_ln else dummy,
         p_wu, p_wd, p_bu, p_bd, p_lw if has_ln else dummy, p_lb if has_ln else dummy,
         N, D, R, dy.stride(0), x.stride(0), rows_per_split,
-        ACT=act, HAS_LN=has_ln, HAS_LNB=ln_bias is not None,
+        HAS_LN=has_ln, HAS_LNB=ln_bias is not None,
         BLOCK_N=block_n, BLOCK_D=block_dw, BLOCK_R=r_tile, DOT_PREC=prec, num_warps=warps_w,
         num_stages=stages,
     )

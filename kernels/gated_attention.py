@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ._common import launcher
+from . import _autotune
 from ._common import (H100_ARCH, device_arch, dot_precision, empty, pow2_at_least, pre_hopper, sm_count,
                       small_smem, smem_per_block)
 
@@ -152,31 +153,60 @@ def _main_attention(q, k_base, v_base, skn, svn, start_m, lo, hi, offs_m, offs_d
 
 
 @triton.jit
-def _fwd_epilogue(acc, m_m, l_m, o_p, m_p, l_p, G, OUT, LSE_M, LSE_P, b64, h64, pid_bh, offs_m, offs_d, mask_m,
-                  mask_d, sob, soh, som, Lq):
-    """out = o_m + g·o_p (o_m = 0 for rows with no visible key); both log-sum-exps (natural log)."""
+def _fwd_epilogue(acc, m_m, l_m, o_p, m_p, l_p, G, OUT, LSE_M, LSE_P, b64, h64, offs_m, offs_d, mask_m,
+                  mask_d, sob, soh, som, H, Lq, PACK: tl.constexpr):
+    """out = o_m + g·o_p (o_m = 0 for rows with no visible key); both log-sum-exps (natural log). h64: the
+    head (PACK: per row)."""
     has_keys = l_m > 0.0
     o_m = acc / tl.where(has_keys, l_m, 1.0)[:, None]
-    g = tl.load(G + h64).to(tl.float32)
+    if PACK:
+        g = tl.load(G + h64, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    else:
+        g = tl.load(G + h64).to(tl.float32)
     out = o_m + g * o_p
-    tl.store(OUT + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :], out.to(OUT.dtype.element_ty),
+    tl.store(OUT + b64 * sob + (h64 * soh + offs_m * som)[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
-    row = pid_bh.to(tl.int64) * Lq + offs_m
+    row = (b64 * H + h64) * Lq + offs_m
     lse_m = tl.where(has_keys, (m_m + tl.log2(tl.where(has_keys, l_m, 1.0))) * _LN2, float("-inf"))
     tl.store(LSE_M + row, lse_m, mask=mask_m)
     tl.store(LSE_P + row, (m_p + tl.log2(l_p)) * _LN2, mask=mask_m)
 
 
 @triton.jit
-def _query_tile(pid_m, pid_bh, H, GROUP, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Batch / head / KV-head indices (int64) and the row / column offsets and masks of a query tile."""
-    b = pid_bh // H
-    h = pid_bh % H
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+def _heavy_first(CAUSAL: tl.constexpr):
+    """Query-tile index of this program along grid axis 0. Causal: the last tile (most visible keys) first, so
+    the heaviest programs start in the first wave and the light ones fill the tail (FlashAttention-2's order)."""
+    if CAUSAL:
+        return tl.num_programs(0) - 1 - tl.program_id(0)
+    return tl.program_id(0)
+
+
+@triton.jit
+def _query_tile(pid_m, pid_bh, H, GROUP, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                PACK: tl.constexpr = False):
+    """Batch / head / KV-head indices (int64) and the row / column offsets and masks of a query tile.
+    PACK (decode, FlashAttention-2's pack-GQA): pid_bh is b·Hkv + KV head and the tile's rows are the GROUP
+    query heads' Lq queries (row r: head hk·GROUP + r // Lq, query r % Lq); the head is then per row and
+    offs_m holds each row's query index."""
     offs_d = tl.arange(0, BLOCK_D)
-    return (b, b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64), start_m, offs_m, offs_d, offs_m < Lq,
-            offs_d < D)
+    if PACK:  # one return below: Triton compiles only the taken branch of a constexpr if, but checks all returns
+        Hkv = H // GROUP
+        b = pid_bh // Hkv
+        hk = pid_bh % Hkv
+        r = tl.arange(0, BLOCK_M)
+        h64 = (hk * GROUP + r // Lq).to(tl.int64)
+        start_m = 0
+        offs_m = r % Lq
+        mask_m = r < GROUP * Lq
+    else:
+        b = pid_bh // H
+        h = pid_bh % H
+        hk = h // GROUP
+        h64 = h.to(tl.int64)
+        start_m = pid_m * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < Lq
+    return b, b.to(tl.int64), h64, hk.to(tl.int64), start_m, offs_m, offs_d, mask_m, offs_d < D
 
 
 @triton.jit
@@ -186,21 +216,22 @@ def _gated_attn_fwd_kernel(
     H, GROUP, Lq, Lk, P, D, qk_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, PACK: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
-    b, b64, h64, hk64, start_m, offs_m, offs_d, mask_m, mask_d = _query_tile(tl.program_id(0), pid_bh, H, GROUP, Lq,
-                                                                             D, BLOCK_M, BLOCK_D)
-    q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+    b, b64, h64, hk64, start_m, offs_m, offs_d, mask_m, mask_d = _query_tile(_heavy_first(CAUSAL), pid_bh, H, GROUP,
+                                                                             Lq, D, BLOCK_M, BLOCK_D, PACK)
+    q = tl.load(Q + b64 * sqb + (h64 * sqh + offs_m * sqm)[:, None] + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    o_p, m_p, l_p = _prefix_pass(q, PK + b64 * spkb + hk64 * spkh, PV + b64 * spvb + hk64 * spvh, spkn, spvn, P,
-                                 offs_d, mask_d, qk_scale, BLOCK_M, BLOCK_P, BLOCK_D, DOT_PREC)
     hi = _causal_hi(start_m, Lq, Lk, BLOCK_M, CAUSAL)
     acc, m_m, l_m = _main_attention(q, K + b64 * skb + hk64 * skh, V + b64 * svb + hk64 * svh, skn, svn, start_m, 0,
                                     hi, offs_m, offs_d, mask_d, b, Lq, Lk, KPM, qk_scale, CAUSAL, HAS_KPM, BLOCK_M,
                                     BLOCK_N, BLOCK_D, DOT_PREC)
-    _fwd_epilogue(acc, m_m, l_m, o_p, m_p, l_p, G, OUT, LSE_M, LSE_P, b64, h64, pid_bh, offs_m, offs_d, mask_m,
-                  mask_d, sob, soh, som, Lq)
+    # The prompt pass after the key loop: its BLOCK_M x D fp32 accumulator is not live across the loop.
+    o_p, m_p, l_p = _prefix_pass(q, PK + b64 * spkb + hk64 * spkh, PV + b64 * spvb + hk64 * spvh, spkn, spvn, P,
+                                 offs_d, mask_d, qk_scale, BLOCK_M, BLOCK_P, BLOCK_D, DOT_PREC)
+    _fwd_epilogue(acc, m_m, l_m, o_p, m_p, l_p, G, OUT, LSE_M, LSE_P, b64, h64, offs_m, offs_d, mask_m,
+                  mask_d, sob, soh, som, H, Lq, PACK)
 
 
 @triton.jit
@@ -210,12 +241,15 @@ def _gated_attn_fwd_split_kernel(
     H, GROUP, Lq, Lk, D, keys_per_split, qk_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    PACK: tl.constexpr,
 ):
-    """Decode (Lq <= BLOCK_M): the main keys split across programs; unnormalised partials out."""
+    """Decode (Lq <= BLOCK_M; PACK: GROUP·Lq <= BLOCK_M): the main keys split across programs; unnormalised
+    partials out, per program row."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b, b64, h64, hk64, _, offs_m, offs_d, mask_m, mask_d = _query_tile(0, pid_bh, H, GROUP, Lq, D, BLOCK_M, BLOCK_D)
-    q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+    b, b64, h64, hk64, _, offs_m, offs_d, mask_m, mask_d = _query_tile(0, pid_bh, H, GROUP, Lq, D, BLOCK_M, BLOCK_D,
+                                                                       PACK)
+    q = tl.load(Q + b64 * sqb + (h64 * sqh + offs_m * sqm)[:, None] + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     lo = pid_s * keys_per_split
     hi = tl.minimum(lo + keys_per_split, _causal_hi(0, Lq, Lk, BLOCK_M, CAUSAL))
@@ -223,9 +257,10 @@ def _gated_attn_fwd_split_kernel(
                                     offs_m, offs_d, mask_d, b, Lq, Lk, KPM, qk_scale, CAUSAL, HAS_KPM, BLOCK_M,
                                     BLOCK_N, BLOCK_D, DOT_PREC)
     part = pid_s.to(tl.int64) * tl.num_programs(1) + pid_bh
-    tl.store(ACC_PART + (part * BLOCK_M + offs_m[:, None]) * BLOCK_D + offs_d[None, :], acc)
-    tl.store(ML_PART + (part * 2) * BLOCK_M + offs_m, m_m)
-    tl.store(ML_PART + (part * 2 + 1) * BLOCK_M + offs_m, l_m)
+    rows = tl.arange(0, BLOCK_M)  # the tile's rows (offs_m is the query index: PACK repeats it per head)
+    tl.store(ACC_PART + (part * BLOCK_M + rows[:, None]) * BLOCK_D + offs_d[None, :], acc)
+    tl.store(ML_PART + (part * 2) * BLOCK_M + rows, m_m)
+    tl.store(ML_PART + (part * 2 + 1) * BLOCK_M + rows, l_m)
 
 
 @triton.jit
@@ -234,11 +269,13 @@ def _gated_attn_fwd_combine_kernel(
     sqb, sqh, sqm, spkb, spkh, spkn, spvb, spvh, spvn, sob, soh, som,
     H, GROUP, Lq, P, D, n_splits, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    PACK: tl.constexpr,
 ):
     """Merge the split partials (log-sum-exp rescaling), add the gated prefix branch, write out."""
     pid_bh = tl.program_id(0)
-    b, b64, h64, hk64, _, offs_m, offs_d, mask_m, mask_d = _query_tile(0, pid_bh, H, GROUP, Lq, D, BLOCK_M, BLOCK_D)
-    q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+    b, b64, h64, hk64, _, offs_m, offs_d, mask_m, mask_d = _query_tile(0, pid_bh, H, GROUP, Lq, D, BLOCK_M, BLOCK_D,
+                                                                       PACK)
+    q = tl.load(Q + b64 * sqb + (h64 * sqh + offs_m * sqm)[:, None] + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     o_p, m_p, l_p = _prefix_pass(q, PK + b64 * spkb + hk64 * spkh, PV + b64 * spvb + hk64 * spvh, spkn, spvn, P,
                                  offs_d, mask_d, qk_scale, BLOCK_M, BLOCK_P, BLOCK_D, DOT_PREC)
@@ -247,9 +284,10 @@ def _gated_attn_fwd_combine_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for s_i in range(0, n_splits):
         part = pid_bh.to(tl.int64) + s_i * tl.num_programs(0)
-        m_s = tl.load(ML_PART + (part * 2) * BLOCK_M + offs_m)
-        l_s = tl.load(ML_PART + (part * 2 + 1) * BLOCK_M + offs_m)
-        acc_s = tl.load(ACC_PART + (part * BLOCK_M + offs_m[:, None]) * BLOCK_D + offs_d[None, :])
+        rows = tl.arange(0, BLOCK_M)
+        m_s = tl.load(ML_PART + (part * 2) * BLOCK_M + rows)
+        l_s = tl.load(ML_PART + (part * 2 + 1) * BLOCK_M + rows)
+        acc_s = tl.load(ACC_PART + (part * BLOCK_M + rows[:, None]) * BLOCK_D + offs_d[None, :])
         m_new = tl.maximum(m_m, m_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         a_old = tl.exp2(m_m - m_safe)
@@ -257,8 +295,8 @@ def _gated_attn_fwd_combine_kernel(
         l_m = l_m * a_old + l_s * a_new
         acc = acc * a_old[:, None] + acc_s * a_new[:, None]
         m_m = m_new
-    _fwd_epilogue(acc, m_m, l_m, o_p, m_p, l_p, G, OUT, LSE_M, LSE_P, b64, h64, pid_bh, offs_m, offs_d, mask_m,
-                  mask_d, sob, soh, som, Lq)
+    _fwd_epilogue(acc, m_m, l_m, o_p, m_p, l_p, G, OUT, LSE_M, LSE_P, b64, h64, offs_m, offs_d, mask_m,
+                  mask_d, sob, soh, som, H, Lq, PACK)
 
 
 @triton.jit
@@ -379,6 +417,12 @@ def _gated_attn_bwd_dkdv_kernel(
     v = tl.load(V + b64 * svb + hk64 * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # Key-major (Triton's fused-attention tutorial): Sᵀ = k qᵀ, dPᵀ = v dOᵀ, dv += Pᵀ dO, dk += dSᵀ q. Every
+    # dot has the key tile as its M dimension, so BLOCK_N >= 64 gives Hopper wgmma for all of them (the
+    # query-major form, S = q kᵀ with 32-row query tiles, compiled half of them to mma.sync).
+    keep_n = mask_n  # the key tile's padding mask is loop-invariant: loaded once
+    if HAS_KPM:
+        keep_n = keep_n & (tl.load(KPM + b64 * Lk + offs_n, mask=mask_n, other=0) != 0)
     # First query that can see this key tile (bottom-right causal), rounded down to a tile.
     lo = 0
     if CAUSAL:
@@ -396,17 +440,20 @@ def _gated_attn_bwd_dkdv_kernel(
             lse = tl.load(LSE_M + bh * Lq + offs_m, mask=mask_m, other=float("inf"))
             lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows without keys: P = 0
             delta = tl.load(DELTA_M + bh * Lq + offs_m, mask=mask_m, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            p = tl.exp2(s - (lse * _LOG2E)[:, None])
-            p = tl.where(_main_mask(offs_m, offs_n, b, Lq, Lk, KPM, CAUSAL, HAS_KPM) & mask_m[:, None], p, 0.0)
-            dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=DOT_PREC)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            ds = (p * (dp - delta[:, None])).to(dtype)
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+            p_t = tl.exp2(s_t - (lse * _LOG2E)[None, :])
+            vis_t = keep_n[:, None] & mask_m[None, :]
+            if CAUSAL:
+                vis_t = vis_t & (offs_n[:, None] <= offs_m[None, :] + (Lk - Lq))
+            p_t = tl.where(vis_t, p_t, 0.0)
+            dv += tl.dot(p_t.to(dtype), do, input_precision=DOT_PREC)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
             if ATOMIC_DQ:  # before dk's dot: with dk after it, Triton 3.6's ptxas (12.8) spills at D = 64
-                dq = tl.dot(ds, k, input_precision=DOT_PREC)
+                dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PREC)
                 tl.atomic_add(DQ_ACC + (bh * Lq + offs_m[:, None]) * D + offs_d[None, :], dq, mask=qmask,
                               sem="relaxed")
-            dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PREC)
+            dk += tl.dot(ds_t, q, input_precision=DOT_PREC)
     dk = dk * (qk_scale * _LN2)
     tl.store(DK + b64 * sdkb + hk64 * sdkh + offs_n[:, None] * sdkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=kv_mask)
@@ -427,8 +474,8 @@ def _gated_attn_bwd_dq_kernel(
     # MAIN_FROM_ACC: the main keys' part of dQ was accumulated by the dkdv kernel (ATOMIC_DQ); add the
     # prefix part, scale, cast.
     pid_bh = tl.program_id(1)
-    b, b64, h64, hk64, start_m, offs_m, offs_d, mask_m, mask_d = _query_tile(tl.program_id(0), pid_bh, H, GROUP, Lq,
-                                                                             D, BLOCK_M, BLOCK_D)
+    b, b64, h64, hk64, start_m, offs_m, offs_d, mask_m, mask_d = _query_tile(_heavy_first(CAUSAL), pid_bh, H, GROUP,
+                                                                             Lq, D, BLOCK_M, BLOCK_D)
     qmask = mask_m[:, None] & mask_d[None, :]
     dtype = Q.dtype.element_ty
     q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=qmask, other=0.0)
@@ -501,6 +548,8 @@ def fwd_config(D: int, Lq: int, arch: int = H100_ARCH, elem_size: int = 2) -> tu
     if Lq <= 16:
         block_m = 16
     block_n = 64 if D <= 128 else 32
+    if block_m == 16 and D <= 16:  # 32 keys: with 64 the split kernel spills (Triton 3.6, sm_80) and the packed
+        block_n = 32               # decode forward (sm_90: 16 B of stack)
     # A 16-row (decode) tile takes 4 warps at any D: with 8 at D = 256, Triton 3.6's ptxas stops at 128
     # registers and spills. A 64-row tile takes 8 at D >= 128: with 4 it spills at D = 128 (sm_90).
     warps = 8 if block_m == 128 or (D >= 128 and block_m > 16) else 4
@@ -508,8 +557,6 @@ def fwd_config(D: int, Lq: int, arch: int = H100_ARCH, elem_size: int = 2) -> tu
     if pre_hopper(arch):  # mma.sync; the H100 tiles below spill there
         if block_m > 16 and D >= 64:  # half the rows, 8 warps
             block_m, warps = block_m // 2, 8
-        elif block_m == 16 and D <= 16:  # 32 keys: with 64 the split kernel spills (Triton 3.6, sm_80)
-            block_n = 32
     if small_smem(arch, elem_size) and block_m > 16:  # fp32 on 99 KB: 32 keys at D = 128, 1 stage above
         if D > 128:
             stages = 1
@@ -519,9 +566,10 @@ def fwd_config(D: int, Lq: int, arch: int = H100_ARCH, elem_size: int = 2) -> tu
 
 
 def combine_warps(block_m: int, D: int) -> int:
-    """num_warps of the decode combine kernel (no key loop): 8 for a 128-row tile or D > 128 (every arch and
-    element size: it spills or overflows nowhere)."""
-    return 8 if block_m == 128 or D > 128 else 4
+    """num_warps of the decode combine kernel (no key loop): 8 for a 128-row tile or D >= 128 (every arch and
+    element size: it spills or overflows nowhere; with 4 at D = 128 the packed-GQA combine has 24 B of stack on
+    sm_90)."""
+    return 8 if block_m == 128 or D >= 128 else 4
 
 
 def bwd_config(D: int, arch: int = H100_ARCH, elem_size: int = 2) -> dict[str, tuple[int, int, int, int]]:
@@ -529,19 +577,22 @@ def bwd_config(D: int, arch: int = H100_ARCH, elem_size: int = 2) -> dict[str, t
     bytes per q element."""
     if D <= 64:
         c = (64, 64, 4, 2)
-        cfg = {"pre": c, "dkdv": c, "dq": c}
+        # key-major dkdv at D = 64: with 4 warps its launched specialisation spills (255 registers, 8 B stack)
+        cfg = {"pre": c, "dkdv": (64, 64, 8, 2) if D > 32 else c, "dq": c}
     elif D <= 128:
         cfg = {"pre": (32, 0, 8, 1), "dkdv": (32, 64, 8, 2), "dq": (64, 64, 8, 2)}
     else:
         c = (32, 32, 8, 1)
         cfg = {"pre": c, "dkdv": c, "dq": c}
     if pre_hopper(arch):  # mma.sync: the entries that spill there get fewer rows / keys, stages or warps
+        # dq: 8 warps (with 4 the launched specialisation spills 8 B: sm_80 at D = 64, sm_89 at D = 128); D = 256
+        # dkdv: 16 rows (the atomic variant's launched specialisation spills 8 B with 32 on sm_80 and sm_89)
         if D <= 64:
-            cfg.update(pre=(32, 0, 4, 2), dkdv=(64, 32, 8, 2), dq=(32, 64, 4, 2))
+            cfg.update(pre=(32, 0, 4, 2), dkdv=(64, 32, 8, 2), dq=(32, 64, 8, 2))
         elif D <= 128:
-            cfg.update(dkdv=(32, 64, 8, 1), dq=(32, 64, 4, 2))
+            cfg.update(dkdv=(32, 64, 8, 1), dq=(32, 64, 8, 2))
         else:
-            cfg.update(dq=(16, 32, 8, 1))
+            cfg.update(dq=(16, 32, 8, 1), dkdv=(16, 32, 8, 1))
         # fp32: tiles twice the bytes. D = 256's dkdv (TF32 dots; and pre with Triton 3.6) needs more than
         # sm_80's 163 KB, and on 99 KB GPUs (sm_86 / sm_89) D = 128's dkdv and dq too.
         if elem_size > 2 and D > 128:
@@ -598,6 +649,45 @@ def dq_mode() -> str:
     return mode
 
 
+# Autotune (kernels/_autotune.py): besides each default, at most three alternatives per (kernel, Hopper or not,
+# head-dim tile), for 2-byte elements at the common head dims 64 and 128; every one compiles spill-free and
+# within shared memory (python -m fastbridge.sm90_check compiles each one under _autotune.forcing).
+TUNE_ALTERNATIVES = {
+    ("fwd", True, 64): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    ("fwd", True, 128): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    ("dkdv", True, 64): [(64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 3)],
+    ("dkdv", True, 128): [(32, 64, 8, 3), (32, 128, 8, 2), (16, 64, 4, 2)],
+    ("dq", True, 64): [(64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 4, 2)],
+    ("dq", True, 128): [(64, 64, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2)],
+}
+
+
+def tune_candidates(kernel: str, D: int, arch: int = H100_ARCH, elem_size: int = 2, rows: int | None = None) -> list:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of a tuned kernel ("fwd", "dkdv", "dq"), at most
+    _autotune.MAX_CANDIDATES: the per-arch table's entry (kernels/_autotune.table_pick) or else the built-in
+    default first -- what runs without FASTBRIDGE_AUTOTUNE -- then the default and TUNE_ALTERNATIVES. 2-byte
+    inputs only; the forward for training / prefill tiles only (rows > 64: decode keeps its default)."""
+    default = fwd_config(D, rows, arch, elem_size) if kernel == "fwd" else bwd_config(D, arch, elem_size)[kernel]
+    if elem_size > 2 or (kernel == "fwd" and rows <= 64):
+        return [default]
+    first = _autotune.table_pick(kernel, arch, pow2_at_least(D), default)
+    alts = TUNE_ALTERNATIVES.get((kernel, not pre_hopper(arch), pow2_at_least(D)), [])
+    return list(dict.fromkeys([first, default, *alts]))[:_autotune.MAX_CANDIDATES]
+
+
+PACK_MAX_LQ = 16  # pack-GQA is for decode / speculative steps: at most this many queries per head
+
+
+def pack_gqa(Lq: int, group: int, D: int, arch: int = H100_ARCH, elem_size: int = 2) -> bool:
+    """Forward: put the GQA group's query heads into one query tile (FlashAttention-2's pack-GQA) when Lq is a
+    decode step and group·Lq rows fit the tile fwd_config picks for that many rows: one program per KV head
+    reads K / V once for the whole group (not group times), and with group·Lq >= 64 rows the tile becomes
+    wgmma-sized on Hopper."""
+    if group <= 1 or Lq > PACK_MAX_LQ:
+        return False
+    return group * Lq <= fwd_config(D, group * Lq, arch, elem_size)[0]
+
+
 def _prefix_block(P: int) -> int:
     return pow2_at_least(min(P, 64))
 
@@ -615,38 +705,48 @@ def gated_attention_forward(q, k, v, pk, pv, g, causal, scale, kpm):
     g = g.float().contiguous()
     kpm_t, has_kpm = _kpm_arg(kpm, q)
     arch = device_arch(q.device)
-    block_m, block_n, warps, stages = fwd_config(D, Lq, arch, q.element_size())
+    group = H // Hkv
+    pack = pack_gqa(Lq, group, D, arch, q.element_size())
+    rows = Lq * group if pack else Lq  # rows of a program's query tile(s)
+    block_m, block_n, warps, stages = fwd_config(D, rows, arch, q.element_size())
+    heads = Hkv if pack else H  # programs per sample along grid axis 1
     shared = pk.shape[0] == 1 and B > 1
     block_d, block_p = pow2_at_least(D), _prefix_block(P)
     qk_scale = scale * math.log2(math.e)
     prec = dot_precision(q.dtype)
-    splits = decode_splits(B * H, Lq, Lk, block_m, block_n, q.device)
+    splits = decode_splits(B * heads, rows, Lk, block_m, block_n, q.device)
     if splits == 1:
-        _gated_attn_fwd_kernel[(triton.cdiv(Lq, block_m), B * H)](
-            q, k, v, pk, pv, g, kpm_t, out, lse_m, lse_p,
-            *_s4(q), *_s4(k), *_s4(v), *_s4(pk, shared), *_s4(pv, shared), *_s4(out),
-            H, H // Hkv, Lq, Lk, P, D, qk_scale,
-            CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p,
-            BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps, num_stages=stages,
-        )
+        def launch(cfg):
+            bm, bn, w, st = cfg
+            _gated_attn_fwd_kernel[(triton.cdiv(rows, bm), B * heads)](
+                q, k, v, pk, pv, g, kpm_t, out, lse_m, lse_p,
+                *_s4(q), *_s4(k), *_s4(v), *_s4(pk, shared), *_s4(pv, shared), *_s4(out),
+                H, H // Hkv, Lq, Lk, P, D, qk_scale,
+                CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=block_p,
+                BLOCK_D=block_d, DOT_PREC=prec, PACK=pack, num_warps=w, num_stages=st,
+            )
+
+        cands = tune_candidates("fwd", D, arch, q.element_size(), rows)
+        launch(_autotune.select("fwd", arch, q.dtype, block_d, cands, launch, q.device, Lq=_autotune.shape_bucket(rows),
+                                Lk=_autotune.shape_bucket(Lk), causal=int(causal), kpm=int(has_kpm)))
         return out, lse_m, lse_p
     # Decode: split the keys so that B·H·splits programs fill the GPU (flash-decoding).
     keys_per_split = triton.cdiv(triton.cdiv(Lk, splits), block_n) * block_n
     splits = triton.cdiv(Lk, keys_per_split)
-    acc_part = empty((splits, B * H, block_m, block_d), torch.float32, q.device)
-    ml_part = empty((splits, B * H, 2, block_m), torch.float32, q.device)
-    _gated_attn_fwd_split_kernel[(splits, B * H)](
+    acc_part = empty((splits, B * heads, block_m, block_d), torch.float32, q.device)
+    ml_part = empty((splits, B * heads, 2, block_m), torch.float32, q.device)
+    _gated_attn_fwd_split_kernel[(splits, B * heads)](
         q, k, v, kpm_t, acc_part, ml_part,
         *_s4(q), *_s4(k), *_s4(v),
         H, H // Hkv, Lq, Lk, D, keys_per_split, qk_scale,
         CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PREC=prec,
-        num_warps=warps, num_stages=stages,
+        PACK=pack, num_warps=warps, num_stages=stages,
     )
-    _gated_attn_fwd_combine_kernel[(B * H,)](
+    _gated_attn_fwd_combine_kernel[(B * heads,)](
         q, pk, pv, g, acc_part, ml_part, out, lse_m, lse_p,
         *_s4(q), *_s4(pk, shared), *_s4(pv, shared), *_s4(out),
         H, H // Hkv, Lq, P, D, splits, qk_scale,
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, DOT_PREC=prec,
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, DOT_PREC=prec, PACK=pack,
         num_warps=combine_warps(block_m, D), num_stages=1,
     )
     return out, lse_m, lse_p
@@ -671,7 +771,8 @@ def gated_attention_backward(dout, q, k, v, pk, pv, g, out, lse_m, lse_p, causal
     shared = Bp == 1 and B > 1
     qk_scale = scale * math.log2(math.e)
     prec = dot_precision(q.dtype)
-    cfg = bwd_config(D, device_arch(dev), q.element_size())
+    arch = device_arch(dev)
+    cfg = bwd_config(D, arch, q.element_size())
     block_d = pow2_at_least(D)
     block_p = _prefix_block(P)
 
@@ -698,23 +799,41 @@ def gated_attention_backward(dout, q, k, v, pk, pv, g, out, lse_m, lse_p, causal
     atomic = dq_mode() == "atomic" and Lk > 0
     # fp32 main-part dQ accumulator (atomic mode); zeroed: every visible pair adds into it.
     dq_acc = torch.zeros((B, H, Lq, D), dtype=torch.float32, device=dev) if atomic else dq
+    # Tuned (FASTBRIDGE_AUTOTUNE=1, kernels/_autotune.py) in the separate-dQ mode only: its launches are
+    # idempotent; the atomic mode accumulates into dq_acc and runs the defaults.
+    tune_key = dict(Lq=_autotune.shape_bucket(Lq), Lk=_autotune.shape_bucket(Lk), causal=int(causal),
+                    kpm=int(has_kpm))
+
+    def tuned(name, launch):
+        if atomic:
+            return cfg[name]
+        return _autotune.select(name, arch, q.dtype, block_d, tune_candidates(name, D, arch, q.element_size()),
+                                launch, dev, **tune_key)
+
     if Lk > 0:
-        block_m, block_n, warps, stages = cfg["dkdv"]
-        _gated_attn_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), B * Hkv)](
-            q, k, v, dout, kpm_t, lse_m, delta_m, dk, dv, dq_acc,
-            *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
-            H, Hkv, Lq, Lk, D, qk_scale,
-            GROUP=group, CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            DOT_PREC=prec, ATOMIC_DQ=atomic, num_warps=warps, num_stages=stages,
+        def launch_dkdv(c):
+            bm, bn, w, st = c
+            _gated_attn_bwd_dkdv_kernel[(triton.cdiv(Lk, bn), B * Hkv)](
+                q, k, v, dout, kpm_t, lse_m, delta_m, dk, dv, dq_acc,
+                *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
+                H, Hkv, Lq, Lk, D, qk_scale,
+                GROUP=group, CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
+                DOT_PREC=prec, ATOMIC_DQ=atomic, num_warps=w, num_stages=st,
+            )
+
+        launch_dkdv(tuned("dkdv", launch_dkdv))
+
+    def launch_dq(c):
+        bm, bn, w, st = c
+        _gated_attn_bwd_dq_kernel[(triton.cdiv(Lq, bm), B * H)](
+            q, k, v, pk, pv, g32, dout, kpm_t, lse_m, lse_p, delta_m, delta_p, dq, dq_acc,
+            *_s4(q), *_s4(k), *_s4(v), *_s4(pk, shared), *_s4(pv, shared), *_s4(dout), *_s4(dq),
+            H, group, Lq, Lk, P, D, qk_scale,
+            CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=block_p, BLOCK_D=block_d,
+            DOT_PREC=prec, MAIN_FROM_ACC=atomic, num_warps=w, num_stages=st,
         )
-    block_m, block_n, warps, stages = cfg["dq"]
-    _gated_attn_bwd_dq_kernel[(triton.cdiv(Lq, block_m), B * H)](
-        q, k, v, pk, pv, g32, dout, kpm_t, lse_m, lse_p, delta_m, delta_p, dq, dq_acc,
-        *_s4(q), *_s4(k), *_s4(v), *_s4(pk, shared), *_s4(pv, shared), *_s4(dout), *_s4(dq),
-        H, group, Lq, Lk, P, D, qk_scale,
-        CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_D=block_d,
-        DOT_PREC=prec, MAIN_FROM_ACC=atomic, num_warps=warps, num_stages=stages,
-    )
+
+    launch_dq(tuned("dq", launch_dq))
 
     # Reduce the prefix partials: over chunks, the GQA group's query heads and (shared prompt) the batch.
     def reduce_prefix(part):

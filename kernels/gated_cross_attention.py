@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import gated_attention as _GA
-from ._common import device_arch, dot_precision, empty, pow2_at_least, pre_hopper, sm_count, small_smem
+from ._common import device_arch, dot_precision, empty, launcher, pow2_at_least, pre_hopper, sm_count, small_smem
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -465,6 +465,7 @@ def decode_splits(programs: int, Lq: int, n_blocks: int, block_m: int, device) -
     return max(1, min(want, n_blocks // 4))
 
 
+@launcher  # device guard; fp32 3xTF32 configurations that do not fit fall back to FMA dots (kernels/_common.py)
 def gated_cross_attention_forward(q, k, v, vis, seg, g, scale):
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -513,6 +514,7 @@ def gated_cross_attention_forward(q, k, v, vis, seg, g, scale):
     return out, lse
 
 
+@launcher
 def gated_cross_attention_backward(dout, q, k, v, vis, seg, g, out, lse, scale):
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
