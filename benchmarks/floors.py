@@ -36,7 +36,7 @@ import sys
 from dataclasses import dataclass
 
 # H100 SXM5 (80 GB HBM3) datasheet numbers. The real bandwidth ceiling is the measured device-to-device
-# copy bandwidth (typically 2.8-3.0 TB/s on H100 SXM) -- to be measured (issue 6), not assumed.
+# copy bandwidth (typically 2.8-3.0 TB/s on H100 SXM) -- to be measured (on the first GPU run), not assumed.
 HBM_TBPS = 3.35
 BF16_DENSE_TFLOPS = 989.0
 H100_SMS = 132

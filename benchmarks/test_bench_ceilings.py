@@ -1,4 +1,4 @@
-"""The two ceilings every kernel is judged against, measured once per device (issue 6, BENCHMARKS.md).
+"""The two ceilings every kernel is judged against, measured once per device (BENCHMARKS.md).
 
   ceiling_copy    device-to-device copy of a large buffer: achievable HBM bandwidth (bytes read +
                   written per second) -- the denominator of every memory-bound floor.

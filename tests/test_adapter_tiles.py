@@ -1,4 +1,4 @@
-"""adapter_block row tiles from N and the SM count, and the stored activation (issue 16, item 7): against the
+"""adapter_block row tiles from N and the SM count, and the stored activation (kernel review, item 7): against the
 float64 reference in the interpreter (the CPU stand-in has 4 SMs: kernels/_common.sm_count), every gradient."""
 from __future__ import annotations
 

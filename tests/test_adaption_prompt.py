@@ -245,7 +245,7 @@ def test_generator_shapes_and_masking(pool, shape):
 @pytest.mark.parametrize("pool", ["mean", "attention"])
 def test_generator_padding_never_reaches_a_prompt(pool):
     """Padded positions holding NaN / inf / huge values change no prompt; a sample whose every position is
-    padded gets the same prompt whatever its padding holds (issue 16, item 17)."""
+    padded gets the same prompt whatever its padding holds (kernel review, item 17)."""
     torch.manual_seed(0)
     g = DynamicPromptGenerator(16, HIDDEN, P, pool=pool, mlp_hidden=32)
     e = torch.randn(3, 6, 16)

@@ -1,5 +1,5 @@
 """kernels/_autotune.py: opt-in, CUDA-only, bounded autotune with winners cached on disk; per-arch tables whose
-entries must be compile-checked candidates (issue 16, item 10). CPU only: the timer is stood in."""
+entries must be compile-checked candidates (kernel review, item 10). CPU only: the timer is stood in."""
 from __future__ import annotations
 
 import json

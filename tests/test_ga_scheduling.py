@@ -1,4 +1,4 @@
-"""Gated-attention scheduling (issue 16, item 9): pack-GQA decode and heaviest-first causal order, against the
+"""Gated-attention scheduling (kernel review, item 9): pack-GQA decode and heaviest-first causal order, against the
 float64 reference in the interpreter, every gradient; which launches pack."""
 from __future__ import annotations
 

@@ -249,7 +249,7 @@ def test_bad_options_name_the_argument():
 
 
 # Prompts longer than one prompt tile (kernels/gated_attention._prefix_block: 64 keys): the forward's and
-# dq's prompt loops and the backward "pre" kernel's prompt-tile programs (issue 16, item 1).
+# dq's prompt loops and the backward "pre" kernel's prompt-tile programs (kernel review, item 1).
 LONG_PROMPTS = [
     pytest.param(2, 2, 1, 7, 9, 65, 16, dict(), id="P65-shared-gqa"),
     pytest.param(2, 2, 2, 11, 5, 130, 16, dict(per_sample=True, kpm="partial"), id="P130-per-sample"),

@@ -317,7 +317,7 @@ def test_kernel_matches_reference():
         torch.testing.assert_close(grads_k[n], grads_r[n], atol=1e-4, rtol=1e-4, msg=lambda s, n=n: f"{n}: {s}")
 
 
-# ------------------------------------------------------------------- training stacks (issue: today's stacks)
+# ------------------------------------------------------------------- training stacks (current transformers / PEFT, autocast, compile, pickling, Trainer)
 @pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
 def test_both_cache_keywords_update_the_cache_once(keyword):
     """transformers <= 5.23 passes the KV cache as past_key_values=, >= 5.24 as cache=: both are fused and

@@ -75,13 +75,13 @@ def test_compile_filter_rejects_spills_and_oversized_shared_memory_and_accepts_t
     cases = {
         "default": ("fwd", 64, *S.default_config("fwd", 64)),
         # 255 registers + a 1288 B stack frame (Triton 3.9). (fwd D = 128, 64 x 64, 4 warps spilled until the
-        # prompt pass moved after the key loop, issue 16: now 233 registers.)
+        # prompt pass moved after the key loop in the kernel review: now 233 registers.)
         "spills": ("fwd", 256, 64, 64, 4, 2),
         "smem": ("fwd", 128, 64, 128, 8, 4),           # 4 stages of 128x128 K/V tiles: 272 KB
         "pruned": ("fwd", 128, 128, 128, 4, 2),       # 256 fp32 accumulator values per thread
     }
     # A candidate that fits with the padding mask and spills without it: fwd D = 128, 64 x 32, 4 warps, 4 stages
-    # was one with Triton 3.9 until the prompt pass moved after the key loop (issue 16); it fits in both now, and
+    # was one with Triton 3.9 until the prompt pass moved after the key loop (kernel review); it fits in both now, and
     # no other such example is known (none was for Triton 3.6 either).
     unpadded_example = False
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import sweep_tiles as S; "
@@ -158,7 +158,7 @@ def test_runner_times_default_first_skips_wrong_candidates_and_reports(monkeypat
     log = []
     timed = S.Runner(problems, bench, log=log.append).sweep(cands, budget=6)
     assert timed[0].candidate.is_default and len(timed) == 6
-    w = S.default_config("dkdv", 64)[2]  # the default's warps (8 since the key-major dkdv, issue 16)
+    w = S.default_config("dkdv", 64)[2]  # the default's warps (8 since the key-major dkdv, kernel review)
     # One per tile first (its variant nearest the default's warps and 2 stages), the default first ...
     assert [t.candidate.config for t in timed[:4]] == [(64, 64, w, 2), (32, 128, w, 2), (128, 32, w, 2), wrong_cfg]
     assert timed[3].error.startswith("wrong at L=40 B=1: dk:") and not timed[3].ms
