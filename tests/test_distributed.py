@@ -206,6 +206,9 @@ def _worker(rank, case, init_file, out_dir):
             out["fsdp2"] = train(model, inputs, loss_fn, lr)
             out["peft_stats"] = dict(fb_peft.stats)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        # both ranks are done with every collective before either tears gloo down (a rank that destroys the
+        # group while its peer's gloo threads still talk to it aborts the peer: "terminate called ...")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
