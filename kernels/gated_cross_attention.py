@@ -379,6 +379,8 @@ def bwd_config(D: int, arch: int, elem_size: int = 2) -> dict[str, tuple[int, in
     cfg = dict(_GA.bwd_config(D, arch, elem_size))
     if pre_hopper(arch) and elem_size == 2 and D <= 16:
         cfg["dkdv"] = (32, 32, 4, 2)
+    if pre_hopper(arch) and elem_size == 2 and 64 < D <= 128:  # gated_attention's 8-warp dq leaves a 32 B stack here
+        cfg["dq"] = (32, 64, 4, 2)
     return cfg
 
 
