@@ -27,6 +27,7 @@ arch; accepted).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import re
@@ -384,10 +385,25 @@ def launches(arch: int = 90, dtype: str = "bf16") -> tuple[Launch, ...]:
     return tuple(out)
 
 
+_IEEE_NOTE = " [3xTF32 > smem: launcher runs ieee]"
+
+
+def _tf32x3_unfit(res: Resources, arch: int, consts: dict) -> bool:
+    """fp32 with 3xTF32 dots that needs more shared memory than ``arch`` has: the launchers (kernels/_common.py
+    ``launcher``) catch that OutOfResources and run the same configuration with fp32 FMA dots ("ieee")."""
+    limit = SMEM_PER_BLOCK.get(arch)
+    return limit is not None and res.shared > limit and consts.get("DOT_PREC") == "tf32x3"
+
+
 def _check_one(job) -> Resources:
     arch, index, dtype = job
     launch = launches(arch, dtype)[index]
-    return resources(launch.name, launch.config, compile_launch(launch, arch), launch.wgmma_exempt)
+    res = resources(launch.name, launch.config, compile_launch(launch, arch), launch.wgmma_exempt)
+    if _tf32x3_unfit(res, arch, launch.kwargs):  # report what runs: the ieee relaunch
+        ieee = dataclasses.replace(launch, kwargs={**launch.kwargs, "DOT_PREC": "ieee"},
+                                   config=launch.config + _IEEE_NOTE)
+        res = resources(ieee.name, ieee.config, compile_launch(ieee, arch), ieee.wgmma_exempt)
+    return res
 
 
 # Kernels checked from a table of (name, config, kernel, signature in bf16, constexprs, warps, stages) rather
@@ -414,7 +430,11 @@ def _check_table_one(job) -> Resources:
     name, cfg, fn, sig, consts, warps, stages = table_configs(arch, dtype)[index]
     # not classified for wgmma: exempt from the Hopper wgmma verdict (the table compiles neighbouring
     # specialisations, not captured launches)
-    return resources(name, cfg, compile_kernel(fn, sig, consts, warps, arch, stages), "table-checked kernel")
+    res = resources(name, cfg, compile_kernel(fn, sig, consts, warps, arch, stages), "table-checked kernel")
+    if _tf32x3_unfit(res, arch, consts):  # report what runs: the ieee relaunch
+        res = resources(name, cfg + _IEEE_NOTE, compile_kernel(fn, sig, {**consts, "DOT_PREC": "ieee"}, warps, arch,
+                                                               stages), "table-checked kernel")
+    return res
 
 
 def check_all(arch: int = 90, only: str | None = None, dtype: str = "bf16", jobs: int = 1) -> list[Resources]:
@@ -451,6 +471,10 @@ def report(arch: int, rows: list[Resources], allow_spills: bool = False) -> int:
               + (" NOT WGMMA" if r.not_wgmma(arch) else ""))
     allowed = " (allowed)" if allow_spills else ""
     print(f"{len(rows)} configurations, {sum(r.spills for r in rows)} spilling{allowed}")
+    n_ieee = sum(_IEEE_NOTE in r.config for r in rows)
+    if n_ieee:
+        print(f"3xTF32: {n_ieee} fp32 configurations need more shared memory with 3xTF32 dots; their launchers run "
+              "them with FMA dots (ieee), the rows above")
     if arch >= 90:
         hot = [r for r in rows if r.wgmma_exempt is None]
         print(f"wgmma: {sum(r.not_wgmma(arch) for r in hot)} of {len(hot)} hot kernels with mma.sync matmuls "
