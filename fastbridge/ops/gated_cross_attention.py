@@ -28,26 +28,10 @@ from . import _autocast
 from . import _validate as V
 
 OP = "gated_cross_attention"
-MAX_HEAD_DIM = 256
 
 
-def _kernel_unavailable(q: Tensor, grads: tuple = ()) -> Optional[str]:
-    """Why the Triton kernels cannot serve this call (None: they can); ``grads``: the differentiable inputs
-    (a backward follows when grad mode is on and one of them requires grad)."""
-    reason = _backend.triton_unavailable_reason(q.device)
-    if reason is None and q.dtype == torch.float64:
-        reason = "the Triton kernel computes in fp32/fp16/bf16, not float64"
-    if reason is None and q.shape[-1] > MAX_HEAD_DIM:
-        reason = f"the fused kernel supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}"
-    if reason is None and q.device.type == "cuda":
-        # The launch configurations are gated_attention's (kernels/gated_cross_attention.py), so is the gap.
-        from ..kernels import _common as KC
-        from ..kernels import gated_attention as KGA
-
-        backward = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (q, *grads))
-        reason = KGA.shared_memory_gap(KC.device_arch(q.device), q.element_size(), q.shape[-1],
-                                       KC.dot_precision(q.dtype), backward)
-    return reason
+# The same kernel limits as gated_attention: its launch configurations, so its head dims and shared-memory gap.
+from .gated_attention import MAX_HEAD_DIM, _kernel_unavailable  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------- forward op
