@@ -34,7 +34,8 @@ def test_kernels_live_in_the_fastbridge_namespace(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
                          check=True).stdout
     origin, hf_kernels = __import__("json").loads(out)
-    assert origin is None or not origin.startswith(str(REPO)), origin
+    # (HF's own package may live inside the checkout, e.g. CI's .ci-venv: only the top-level kernels/ is wrong)
+    assert origin is None or not Path(origin).resolve().is_relative_to((REPO / "kernels").resolve()), origin
     assert origin is not None or hf_kernels is False
 
 
