@@ -98,12 +98,29 @@ def section(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def render(readme: str, body: str) -> str:
-    if START not in readme or END not in readme:
-        raise SystemExit(f"README.md has no performance markers ({START!r} … {END!r})")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
+def render(readme: str, body: str, start: str = START, end: str = END, what: str = "performance") -> str:
+    """``readme`` with the text between the ``start`` and ``end`` markers replaced by ``body``."""
+    if start not in readme or end not in readme:
+        raise SystemExit(f"README.md has no {what} markers ({start!r} … {end!r})")
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
     return head + body + tail
+
+
+def write_or_check(readme_path: Path, body: str, check: bool, *, start: str = START, end: str = END,
+                   what: str = "performance", command: str = "python benchmarks/readme_perf.py") -> int:
+    """Put a generated section (``body``, markers included) into README.md, or with ``check`` return 1 if
+    README.md differs from it. Shared by the README generators (this one, docs/demo/readme_demo.py)."""
+    old = readme_path.read_text()
+    new = render(old, body, start, end, what)
+    if check:
+        if new != old:
+            print(f"README.md's {what} section is out of date: run {command}", file=sys.stderr)
+            return 1
+        return 0
+    readme_path.write_text(new)
+    print(f"updated {readme_path}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -113,18 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--readme", default=str(README))
     a = ap.parse_args(argv)
     paths = [Path(p) for p in a.results] or sorted((HERE / "results").glob("*.json"))
-    readme_path = Path(a.readme)
-    old = readme_path.read_text()
-    new = render(old, section(paths))
-    if a.check:
-        if new != old:
-            print("README.md's performance section is out of date: run python benchmarks/readme_perf.py",
-                  file=sys.stderr)
-            return 1
-        return 0
-    readme_path.write_text(new)
-    print(f"updated {readme_path}")
-    return 0
+    return write_or_check(Path(a.readme), section(paths), a.check)
 
 
 if __name__ == "__main__":

@@ -65,14 +65,6 @@ def section(paths) -> str:
     return "\n".join(lines)
 
 
-def render(readme: str, body: str) -> str:
-    if START not in readme or END not in readme:
-        raise SystemExit(f"README.md has no demo markers ({START!r} … {END!r})")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return head + body + tail
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="*", help="demo.json files (default: docs/demo/*/demo.json)")
@@ -80,17 +72,11 @@ def main(argv=None) -> int:
     ap.add_argument("--readme", default=str(README))
     a = ap.parse_args(argv)
     paths = [Path(p).resolve() for p in a.runs] or sorted(HERE.glob("*/demo.json"))
-    readme_path = Path(a.readme)
-    old = readme_path.read_text()
-    new = render(old, section(paths))
-    if a.check:
-        if new != old:
-            print("README.md's demo section is out of date: run python docs/demo/readme_demo.py", file=sys.stderr)
-            return 1
-        return 0
-    readme_path.write_text(new)
-    print(f"updated {readme_path}")
-    return 0
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from readme_perf import write_or_check  # the README generators' one marker-replacing writer
+
+    return write_or_check(Path(a.readme), section(paths), a.check, start=START, end=END, what="demo",
+                          command="python docs/demo/readme_demo.py")
 
 
 if __name__ == "__main__":
