@@ -42,6 +42,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from fastbridge.kernels._common import SMEM_PER_BLOCK
+from fastbridge.kernels._strided import Strided
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -79,14 +80,25 @@ class Resources:
                 f"wgmma={self.wgmma_ops:3d} mma.sync={self.mma_sync_ops:3d}")
 
 
+def _aligned_paths(name: str, ty, path: tuple) -> list[tuple]:
+    """Argument paths (Triton's attrs keys; a tuple argument's leaves are (arg, field, ...)) that compile_kernel
+    marks 16-divisible: pointers, the strides of a Strided argument, D and R."""
+    if isinstance(ty, Strided):
+        return [path + (0,)] + [path + (1, j) for j in range(len(ty.strides))]
+    if isinstance(ty, tuple):
+        return [p for i, leaf in enumerate(ty) for p in _aligned_paths(name, leaf, path + (i,))]
+    return [path] if ty.startswith("*") or name in ("D", "R") else []
+
+
 def compile_kernel(jit_fn, signature: dict, constexprs: dict, num_warps: int, arch: int = 90, num_stages: int = 3):
     """Compile with 16-byte aligned pointers and multiple-of-16 head dims / strides (benchmarks/sweep_tiles.py's
-    candidates; the check itself compiles captured launches, compile_launch)."""
+    candidates and the table-checked kernels; the check itself compiles captured launches, compile_launch).
+    ``signature``: Triton type per non-constexpr argument, a Strided of types for a tensor argument
+    (kernels/_strided.py: ``Strided("*bf16", ("i32",) * 3)``)."""
     names = jit_fn.arg_names
     full_sig = {n: ("constexpr" if n in constexprs else signature[n]) for n in names}
-    aligned = [n for n in names if n not in constexprs and (signature[n].startswith("*") or n in ("D", "R")
-                                                              or n.startswith("s"))]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    attrs = {p: [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs
+             for p in _aligned_paths(n, signature[n], (i,))}
     src = ASTSource(jit_fn, full_sig, constexprs, attrs)
     target = GPUTarget("cuda", arch, 32)
     return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
@@ -136,8 +148,14 @@ class _Pointer:
         return self._ptr
 
 
+def _stand_in(a):
+    if isinstance(a, Strided):
+        return a._replace(ptr=_stand_in(a.ptr))
+    return _Pointer(a) if hasattr(a, "data_ptr") else a
+
+
 def _stand_ins(args: tuple) -> tuple:
-    return tuple(_Pointer(a) if hasattr(a, "data_ptr") else a for a in args)
+    return tuple(_stand_in(a) for a in args)
 
 
 @dataclass
@@ -329,32 +347,22 @@ def _i32(*names):
 
 
 _P, _F = "*bf16", "*fp32"
+_T = Strided(_P, ("i32",) * 3)  # a (batch, head, row, feature) tensor argument (kernels/_strided.py)
 # Launch signatures of the gated-attention kernels in bf16 (kernels/gated_attention.py), by kernel; also
 # used by benchmarks/sweep_tiles.py to compile other launch configurations of the same kernels.
 GA_SIGNATURES = {
-    "fwd": dict(Q=_P, K=_P, V=_P, PK=_P, PV=_P, G=_F, KPM="*u8", OUT=_P, LSE_M=_F, LSE_P=_F,
-                **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "spkb", "spkh", "spkn",
-                       "spvb", "spvh", "spvn", "sob", "soh", "som", "H", "GROUP", "Lq", "Lk", "P", "D"),
-                qk_scale="fp32"),
-    "fwd_split": dict(Q=_P, K=_P, V=_P, KPM="*u8", ACC_PART=_F, ML_PART=_F,
-                      **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "H", "GROUP", "Lq",
-                             "Lk", "D", "keys_per_split"), qk_scale="fp32"),
-    "fwd_combine": dict(Q=_P, PK=_P, PV=_P, G=_F, ACC_PART=_F, ML_PART=_F, OUT=_P, LSE_M=_F, LSE_P=_F,
-                        **_i32("sqb", "sqh", "sqm", "spkb", "spkh", "spkn", "spvb", "spvh", "spvn", "sob", "soh",
-                               "som", "H", "GROUP", "Lq", "P", "D", "n_splits"), qk_scale="fp32"),
-    "pre": dict(Q=_P, PK=_P, PV=_P, G=_F, OUT=_P, DO=_P, LSE_P=_F, DELTA_M=_F, DELTA_P=_F, DG_PART=_F,
-                DPK_PART=_F, DPV_PART=_F,
-                **_i32("sqb", "sqh", "sqm", "spkb", "spkh", "spkn", "spvb", "spvh", "spvn", "sob", "soh", "som",
-                       "sdb", "sdh", "sdm", "H", "Lq", "P", "D", "rows_per_prog"), qk_scale="fp32"),
-    "dkdv": dict(Q=_P, K=_P, V=_P, DO=_P, KPM="*u8", LSE_M=_F, DELTA_M=_F, DK=_P, DV=_P, DQ_ACC=_F,
-                 **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sdb", "sdh", "sdm",
-                        "sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn", "H", "Hkv", "Lq", "Lk", "D"),
-                 qk_scale="fp32"),
-    "dq": dict(Q=_P, K=_P, V=_P, PK=_P, PV=_P, G=_F, DO=_P, KPM="*u8", LSE_M=_F, LSE_P=_F, DELTA_M=_F,
-               DELTA_P=_F, DQ=_P, DQ_ACC=_F,
-               **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "spkb", "spkh", "spkn",
-                      "spvb", "spvh", "spvn", "sdb", "sdh", "sdm", "sdqb", "sdqh", "sdqm", "H", "GROUP", "Lq",
-                      "Lk", "P", "D"), qk_scale="fp32"),
+    "fwd": dict(Q=_T, K=_T, V=_T, PK=_T, PV=_T, G=_F, KPM="*u8", OUT=_T, LSE_M=_F, LSE_P=_F,
+                **_i32("H", "GROUP", "Lq", "Lk", "P", "D"), qk_scale="fp32"),
+    "fwd_split": dict(Q=_T, K=_T, V=_T, KPM="*u8", ACC_PART=_F, ML_PART=_F,
+                      **_i32("H", "GROUP", "Lq", "Lk", "D", "keys_per_split"), qk_scale="fp32"),
+    "fwd_combine": dict(Q=_T, PK=_T, PV=_T, G=_F, ACC_PART=_F, ML_PART=_F, OUT=_T, LSE_M=_F, LSE_P=_F,
+                        **_i32("H", "GROUP", "Lq", "P", "D", "n_splits"), qk_scale="fp32"),
+    "pre": dict(Q=_T, PK=_T, PV=_T, G=_F, OUT=_T, DO=_T, LSE_P=_F, DELTA_M=_F, DELTA_P=_F, DG_PART=_F,
+                DPK_PART=_F, DPV_PART=_F, **_i32("H", "Lq", "P", "D", "rows_per_prog"), qk_scale="fp32"),
+    "dkdv": dict(Q=_T, K=_T, V=_T, DO=_T, KPM="*u8", LSE_M=_F, DELTA_M=_F, DK=_T, DV=_T, DQ_ACC=_F,
+                 **_i32("H", "Hkv", "Lq", "Lk", "D"), qk_scale="fp32"),
+    "dq": dict(Q=_T, K=_T, V=_T, PK=_T, PV=_T, G=_F, DO=_T, KPM="*u8", LSE_M=_F, LSE_P=_F, DELTA_M=_F,
+               DELTA_P=_F, DQ=_T, DQ_ACC=_F, **_i32("H", "GROUP", "Lq", "Lk", "P", "D"), qk_scale="fp32"),
 }
 
 

@@ -37,8 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launcher
 from . import _autotune
+from ._common import launcher
+from ._strided import load_tile, store_tile, strided
 from ._common import (H100_ARCH, device_arch, dot_precision, empty, pow2_at_least, pre_hopper, sm_count,
                       small_smem, smem_per_block)
 
@@ -67,7 +68,7 @@ def _causal_hi(start_m, Lq, Lk, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _prefix_pass(q, pk_base, pv_base, spkn, spvn, P, offs_d, mask_d, qk_scale,
+def _prefix_pass(q, PK, PV, b64, hk64, P, offs_d, mask_d, qk_scale,
                  BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     """Prefix branch, every prefix key visible: returns (softmax(q pkᵀ·s) pv, m, l) in the exp2 domain."""
     m_p = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -76,16 +77,14 @@ def _prefix_pass(q, pk_base, pv_base, spkn, spvn, P, offs_d, mask_d, qk_scale,
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < P
-        pk = tl.load(pk_base + offs_p[:, None] * spkn + offs_d[None, :], mask=mask_p[:, None] & mask_d[None, :],
-                     other=0.0)
+        pk = load_tile(PK, b64, hk64, offs_p, mask_p, offs_d, mask_d)
         s = tl.dot(q, tl.trans(pk), input_precision=DOT_PREC) * qk_scale
         s = tl.where(mask_p[None, :], s, float("-inf"))
         m_new = tl.maximum(m_p, tl.max(s, 1))
         alpha = tl.exp2(m_p - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_p = l_p * alpha + tl.sum(p, 1)
-        pv = tl.load(pv_base + offs_p[:, None] * spvn + offs_d[None, :], mask=mask_p[:, None] & mask_d[None, :],
-                     other=0.0)
+        pv = load_tile(PV, b64, hk64, offs_p, mask_p, offs_d, mask_d)
         acc_p = acc_p * alpha[:, None] + tl.dot(p.to(pv.dtype), pv, input_precision=DOT_PREC)
         m_p = m_new
     return acc_p / l_p[:, None], m_p, l_p
@@ -104,19 +103,15 @@ def _unmasked_hi(start_m, lo, hi, Lq, Lk, CAUSAL: tl.constexpr, HAS_KPM: tl.cons
 
 
 @triton.jit
-def _main_pass(q, k_base, v_base, skn, svn, lo, hi, acc, m_m, l_m, offs_m, offs_d, mask_d, b, Lq, Lk, KPM,
+def _main_pass(q, K, V, b64, hk64, lo, hi, acc, m_m, l_m, offs_m, offs_d, mask_d, b, Lq, Lk, KPM,
                qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr,
                DOT_PREC: tl.constexpr):
     """Online softmax over main keys [lo, hi), continuing (acc, m, l); l stays 0 where nothing is seen.
     MASKED=False is for ranges _unmasked_hi vouches for: no per-element masks at all."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        if MASKED:
-            mask_n = offs_n < hi
-            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                        other=0.0)
-        else:
-            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+        mask_n = offs_n < hi  # MASKED only (unused, and not computed, otherwise)
+        k = load_tile(K, b64, hk64, offs_n, mask_n, offs_d, mask_d, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if MASKED:
             vis = _main_mask(offs_m, offs_n, b, Lq, Lk, KPM, CAUSAL, HAS_KPM) & mask_n[None, :]
@@ -126,18 +121,14 @@ def _main_pass(q, k_base, v_base, skn, svn, lo, hi, acc, m_m, l_m, offs_m, offs_
         alpha = tl.exp2(m_m - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_m = l_m * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                        other=0.0)
-        else:
-            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+        v = load_tile(V, b64, hk64, offs_n, mask_n, offs_d, mask_d, MASKED)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_m = m_new
     return acc, m_m, l_m
 
 
 @triton.jit
-def _main_attention(q, k_base, v_base, skn, svn, start_m, lo, hi, offs_m, offs_d, mask_d, b, Lq, Lk, KPM, qk_scale,
+def _main_attention(q, K, V, b64, hk64, start_m, lo, hi, offs_m, offs_d, mask_d, b, Lq, Lk, KPM, qk_scale,
                     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     """Main branch over keys [lo, hi): the unmasked blocks first, then the diagonal / ragged / padded ones."""
@@ -145,16 +136,16 @@ def _main_attention(q, k_base, v_base, skn, svn, start_m, lo, hi, offs_m, offs_d
     m_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_m = tl.zeros([BLOCK_M], tl.float32)
     mid = _unmasked_hi(start_m, lo, hi, Lq, Lk, CAUSAL, HAS_KPM, BLOCK_N)
-    acc, m_m, l_m = _main_pass(q, k_base, v_base, skn, svn, lo, mid, acc, m_m, l_m, offs_m, offs_d, mask_d, b, Lq,
-                               Lk, KPM, qk_scale, False, CAUSAL, HAS_KPM, BLOCK_N, DOT_PREC)
-    acc, m_m, l_m = _main_pass(q, k_base, v_base, skn, svn, mid, hi, acc, m_m, l_m, offs_m, offs_d, mask_d, b, Lq,
-                               Lk, KPM, qk_scale, True, CAUSAL, HAS_KPM, BLOCK_N, DOT_PREC)
+    acc, m_m, l_m = _main_pass(q, K, V, b64, hk64, lo, mid, acc, m_m, l_m, offs_m, offs_d, mask_d, b, Lq, Lk, KPM,
+                               qk_scale, False, CAUSAL, HAS_KPM, BLOCK_N, DOT_PREC)
+    acc, m_m, l_m = _main_pass(q, K, V, b64, hk64, mid, hi, acc, m_m, l_m, offs_m, offs_d, mask_d, b, Lq, Lk, KPM,
+                               qk_scale, True, CAUSAL, HAS_KPM, BLOCK_N, DOT_PREC)
     return acc, m_m, l_m
 
 
 @triton.jit
 def _fwd_epilogue(acc, m_m, l_m, o_p, m_p, l_p, G, OUT, LSE_M, LSE_P, b64, h64, offs_m, offs_d, mask_m,
-                  mask_d, sob, soh, som, H, Lq, PACK: tl.constexpr):
+                  mask_d, H, Lq, PACK: tl.constexpr):
     """out = o_m + g·o_p (o_m = 0 for rows with no visible key); both log-sum-exps (natural log). h64: the
     head (PACK: per row)."""
     has_keys = l_m > 0.0
@@ -163,9 +154,7 @@ def _fwd_epilogue(acc, m_m, l_m, o_p, m_p, l_p, G, OUT, LSE_M, LSE_P, b64, h64, 
         g = tl.load(G + h64, mask=mask_m, other=0.0).to(tl.float32)[:, None]
     else:
         g = tl.load(G + h64).to(tl.float32)
-    out = o_m + g * o_p
-    tl.store(OUT + b64 * sob + (h64 * soh + offs_m * som)[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])
+    store_tile(OUT, b64, h64, offs_m, mask_m, offs_d, mask_d, o_m + g * o_p, PACK)
     row = (b64 * H + h64) * Lq + offs_m
     lse_m = tl.where(has_keys, (m_m + tl.log2(tl.where(has_keys, l_m, 1.0))) * _LN2, float("-inf"))
     tl.store(LSE_M + row, lse_m, mask=mask_m)
@@ -212,7 +201,6 @@ def _query_tile(pid_m, pid_bh, H, GROUP, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: 
 @triton.jit
 def _gated_attn_fwd_kernel(
     Q, K, V, PK, PV, G, KPM, OUT, LSE_M, LSE_P,
-    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, spkb, spkh, spkn, spvb, spvh, spvn, sob, soh, som,
     H, GROUP, Lq, Lk, P, D, qk_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -221,23 +209,20 @@ def _gated_attn_fwd_kernel(
     pid_bh = tl.program_id(1)
     b, b64, h64, hk64, start_m, offs_m, offs_d, mask_m, mask_d = _query_tile(_heavy_first(CAUSAL), pid_bh, H, GROUP,
                                                                              Lq, D, BLOCK_M, BLOCK_D, PACK)
-    q = tl.load(Q + b64 * sqb + (h64 * sqh + offs_m * sqm)[:, None] + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = load_tile(Q, b64, h64, offs_m, mask_m, offs_d, mask_d, PACK=PACK)
     hi = _causal_hi(start_m, Lq, Lk, BLOCK_M, CAUSAL)
-    acc, m_m, l_m = _main_attention(q, K + b64 * skb + hk64 * skh, V + b64 * svb + hk64 * svh, skn, svn, start_m, 0,
-                                    hi, offs_m, offs_d, mask_d, b, Lq, Lk, KPM, qk_scale, CAUSAL, HAS_KPM, BLOCK_M,
-                                    BLOCK_N, BLOCK_D, DOT_PREC)
+    acc, m_m, l_m = _main_attention(q, K, V, b64, hk64, start_m, 0, hi, offs_m, offs_d, mask_d, b, Lq, Lk, KPM,
+                                    qk_scale, CAUSAL, HAS_KPM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC)
     # The prompt pass after the key loop: its BLOCK_M x D fp32 accumulator is not live across the loop.
-    o_p, m_p, l_p = _prefix_pass(q, PK + b64 * spkb + hk64 * spkh, PV + b64 * spvb + hk64 * spvh, spkn, spvn, P,
-                                 offs_d, mask_d, qk_scale, BLOCK_M, BLOCK_P, BLOCK_D, DOT_PREC)
-    _fwd_epilogue(acc, m_m, l_m, o_p, m_p, l_p, G, OUT, LSE_M, LSE_P, b64, h64, offs_m, offs_d, mask_m,
-                  mask_d, sob, soh, som, H, Lq, PACK)
+    o_p, m_p, l_p = _prefix_pass(q, PK, PV, b64, hk64, P, offs_d, mask_d, qk_scale, BLOCK_M, BLOCK_P, BLOCK_D,
+                                 DOT_PREC)
+    _fwd_epilogue(acc, m_m, l_m, o_p, m_p, l_p, G, OUT, LSE_M, LSE_P, b64, h64, offs_m, offs_d, mask_m, mask_d, H, Lq,
+                  PACK)
 
 
 @triton.jit
 def _gated_attn_fwd_split_kernel(
     Q, K, V, KPM, ACC_PART, ML_PART,
-    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
     H, GROUP, Lq, Lk, D, keys_per_split, qk_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -249,13 +234,11 @@ def _gated_attn_fwd_split_kernel(
     pid_bh = tl.program_id(1)
     b, b64, h64, hk64, _, offs_m, offs_d, mask_m, mask_d = _query_tile(0, pid_bh, H, GROUP, Lq, D, BLOCK_M, BLOCK_D,
                                                                        PACK)
-    q = tl.load(Q + b64 * sqb + (h64 * sqh + offs_m * sqm)[:, None] + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = load_tile(Q, b64, h64, offs_m, mask_m, offs_d, mask_d, PACK=PACK)
     lo = pid_s * keys_per_split
     hi = tl.minimum(lo + keys_per_split, _causal_hi(0, Lq, Lk, BLOCK_M, CAUSAL))
-    acc, m_m, l_m = _main_attention(q, K + b64 * skb + hk64 * skh, V + b64 * svb + hk64 * svh, skn, svn, 0, lo, hi,
-                                    offs_m, offs_d, mask_d, b, Lq, Lk, KPM, qk_scale, CAUSAL, HAS_KPM, BLOCK_M,
-                                    BLOCK_N, BLOCK_D, DOT_PREC)
+    acc, m_m, l_m = _main_attention(q, K, V, b64, hk64, 0, lo, hi, offs_m, offs_d, mask_d, b, Lq, Lk, KPM, qk_scale,
+                                    CAUSAL, HAS_KPM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC)
     part = pid_s.to(tl.int64) * tl.num_programs(1) + pid_bh
     rows = tl.arange(0, BLOCK_M)  # the tile's rows (offs_m is the query index: PACK repeats it per head)
     tl.store(ACC_PART + (part * BLOCK_M + rows[:, None]) * BLOCK_D + offs_d[None, :], acc)
@@ -266,7 +249,6 @@ def _gated_attn_fwd_split_kernel(
 @triton.jit
 def _gated_attn_fwd_combine_kernel(
     Q, PK, PV, G, ACC_PART, ML_PART, OUT, LSE_M, LSE_P,
-    sqb, sqh, sqm, spkb, spkh, spkn, spvb, spvh, spvn, sob, soh, som,
     H, GROUP, Lq, P, D, n_splits, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     PACK: tl.constexpr,
@@ -275,10 +257,9 @@ def _gated_attn_fwd_combine_kernel(
     pid_bh = tl.program_id(0)
     b, b64, h64, hk64, _, offs_m, offs_d, mask_m, mask_d = _query_tile(0, pid_bh, H, GROUP, Lq, D, BLOCK_M, BLOCK_D,
                                                                        PACK)
-    q = tl.load(Q + b64 * sqb + (h64 * sqh + offs_m * sqm)[:, None] + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    o_p, m_p, l_p = _prefix_pass(q, PK + b64 * spkb + hk64 * spkh, PV + b64 * spvb + hk64 * spvh, spkn, spvn, P,
-                                 offs_d, mask_d, qk_scale, BLOCK_M, BLOCK_P, BLOCK_D, DOT_PREC)
+    q = load_tile(Q, b64, h64, offs_m, mask_m, offs_d, mask_d, PACK=PACK)
+    o_p, m_p, l_p = _prefix_pass(q, PK, PV, b64, hk64, P, offs_d, mask_d, qk_scale, BLOCK_M, BLOCK_P, BLOCK_D,
+                                 DOT_PREC)
     m_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_m = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -296,14 +277,13 @@ def _gated_attn_fwd_combine_kernel(
         acc = acc * a_old[:, None] + acc_s * a_new[:, None]
         m_m = m_new
     _fwd_epilogue(acc, m_m, l_m, o_p, m_p, l_p, G, OUT, LSE_M, LSE_P, b64, h64, offs_m, offs_d, mask_m,
-                  mask_d, sob, soh, som, H, Lq, PACK)
+                  mask_d, H, Lq, PACK)
 
 
 @triton.jit
-def _prefix_probs(q, pk_base, spkn, offs_p, offs_d, mask_p, mask_d, lse_p, qk_scale, DOT_PREC: tl.constexpr):
+def _prefix_probs(q, PK, b64, hk64, offs_p, offs_d, mask_p, mask_d, lse_p, qk_scale, DOT_PREC: tl.constexpr):
     """P_p = softmax(q pkᵀ·s) recomputed from its log-sum-exp; also returns the prefix-key tile."""
-    pk = tl.load(pk_base + offs_p[:, None] * spkn + offs_d[None, :], mask=mask_p[:, None] & mask_d[None, :],
-                 other=0.0)
+    pk = load_tile(PK, b64, hk64, offs_p, mask_p, offs_d, mask_d)
     s = tl.dot(q, tl.trans(pk), input_precision=DOT_PREC) * qk_scale
     p = tl.exp2(s - (lse_p * _LOG2E)[:, None])
     return tl.where(mask_p[None, :], p, 0.0), pk
@@ -312,7 +292,6 @@ def _prefix_probs(q, pk_base, spkn, offs_p, offs_d, mask_p, mask_d, lse_p, qk_sc
 @triton.jit
 def _gated_attn_bwd_pre_kernel(
     Q, PK, PV, G, OUT, DO, LSE_P, DELTA_M, DELTA_P, DG_PART, DPK_PART, DPV_PART,
-    sqb, sqh, sqm, spkb, spkh, spkn, spvb, spvh, spvn, sob, soh, som, sdb, sdh, sdm,
     H, Lq, P, D, rows_per_prog, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, GROUP: tl.constexpr,
 ):
@@ -330,12 +309,9 @@ def _gated_attn_bwd_pre_kernel(
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_d = offs_d < D
     mask_p = offs_p < P
-    dtype = Q.dtype.element_ty
+    dtype = Q.ptr.dtype.element_ty
     g = tl.load(G + h).to(tl.float32)
-    pk_base = PK + b64 * spkb + hk64 * spkh
-    pv_base = PV + b64 * spvb + hk64 * spvh
-    pv = tl.load(pv_base + offs_p[:, None] * spvn + offs_d[None, :], mask=mask_p[:, None] & mask_d[None, :],
-                 other=0.0)
+    pv = load_tile(PV, b64, hk64, offs_p, mask_p, offs_d, mask_d)
 
     dpk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     dpv = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
@@ -345,12 +321,11 @@ def _gated_attn_bwd_pre_kernel(
     for m0 in range(row_lo, row_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < row_hi
-        mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=mask, other=0.0)
+        q = load_tile(Q, b64, h64, offs_m, mask_m, offs_d, mask_d)
         row = pid_bh.to(tl.int64) * Lq + offs_m
         lse_p = tl.load(LSE_P + row, mask=mask_m, other=0.0)
         if P <= BLOCK_P:  # one prompt tile: this program's
-            p, pk = _prefix_probs(q, pk_base, spkn, offs_p, offs_d, mask_p, mask_d, lse_p, qk_scale, DOT_PREC)
+            p, pk = _prefix_probs(q, PK, b64, hk64, offs_p, offs_d, mask_p, mask_d, lse_p, qk_scale, DOT_PREC)
             p = tl.where(mask_m[:, None], p, 0.0)
             o_p = tl.dot(p.to(dtype), pv, input_precision=DOT_PREC)
         else:  # o_p over every prompt tile (rows outside the chunk have dO = 0: they add nothing below)
@@ -358,16 +333,13 @@ def _gated_attn_bwd_pre_kernel(
             for p0 in range(0, P, BLOCK_P):
                 offs_t = p0 + tl.arange(0, BLOCK_P)
                 mask_t = offs_t < P
-                p_t, _ = _prefix_probs(q, pk_base, spkn, offs_t, offs_d, mask_t, mask_d, lse_p, qk_scale, DOT_PREC)
-                pv_t = tl.load(pv_base + offs_t[:, None] * spvn + offs_d[None, :],
-                               mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+                p_t, _ = _prefix_probs(q, PK, b64, hk64, offs_t, offs_d, mask_t, mask_d, lse_p, qk_scale, DOT_PREC)
+                pv_t = load_tile(PV, b64, hk64, offs_t, mask_t, offs_d, mask_d)
                 o_p += tl.dot(p_t.to(dtype), pv_t, input_precision=DOT_PREC)
-            p, pk = _prefix_probs(q, pk_base, spkn, offs_p, offs_d, mask_p, mask_d, lse_p, qk_scale, DOT_PREC)
+            p, pk = _prefix_probs(q, PK, b64, hk64, offs_p, offs_d, mask_p, mask_d, lse_p, qk_scale, DOT_PREC)
             p = tl.where(mask_m[:, None], p, 0.0)
-        do = tl.load(DO + b64 * sdb + h64 * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=mask,
-                     other=0.0).to(tl.float32)
-        out = tl.load(OUT + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :], mask=mask,
-                      other=0.0).to(tl.float32)
+        do = load_tile(DO, b64, h64, offs_m, mask_m, offs_d, mask_d).to(tl.float32)
+        out = load_tile(OUT, b64, h64, offs_m, mask_m, offs_d, mask_d).to(tl.float32)
         dgp = tl.sum(do * o_p, 1)                      # d out / d g, per row
         delta_m = tl.sum(do * (out - g * o_p), 1)
         mask_first = mask_m & (pid_p + tl.zeros([BLOCK_M], tl.int32) == 0)  # prompt tile 0 writes the Δ's
@@ -393,7 +365,6 @@ def _gated_attn_bwd_pre_kernel(
 @triton.jit
 def _gated_attn_bwd_dkdv_kernel(
     Q, K, V, DO, KPM, LSE_M, DELTA_M, DK, DV, DQ_ACC,
-    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
     H, Hkv, Lq, Lk, D, qk_scale,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -411,10 +382,9 @@ def _gated_attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < Lk
     mask_d = offs_d < D
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-    dtype = Q.dtype.element_ty
-    k = tl.load(K + b64 * skb + hk64 * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * svb + hk64 * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+    dtype = Q.ptr.dtype.element_ty
+    k = load_tile(K, b64, hk64, offs_n, mask_n, offs_d, mask_d)
+    v = load_tile(V, b64, hk64, offs_n, mask_n, offs_d, mask_d)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # Key-major (Triton's fused-attention tutorial): Sᵀ = k qᵀ, dPᵀ = v dOᵀ, dv += Pᵀ dO, dk += dSᵀ q. Every
@@ -433,10 +403,8 @@ def _gated_attn_bwd_dkdv_kernel(
         for m0 in range(lo, Lq, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask_m = offs_m < Lq
-            qmask = mask_m[:, None] & mask_d[None, :]
-            q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=qmask, other=0.0)
-            do = tl.load(DO + b64 * sdb + h64 * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=qmask,
-                         other=0.0)
+            q = load_tile(Q, b64, h64, offs_m, mask_m, offs_d, mask_d)
+            do = load_tile(DO, b64, h64, offs_m, mask_m, offs_d, mask_d)
             lse = tl.load(LSE_M + bh * Lq + offs_m, mask=mask_m, other=float("inf"))
             lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows without keys: P = 0
             delta = tl.load(DELTA_M + bh * Lq + offs_m, mask=mask_m, other=0.0)
@@ -451,21 +419,16 @@ def _gated_attn_bwd_dkdv_kernel(
             ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
             if ATOMIC_DQ:  # before dk's dot: with dk after it, Triton 3.6's ptxas (12.8) spills at D = 64
                 dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PREC)
-                tl.atomic_add(DQ_ACC + (bh * Lq + offs_m[:, None]) * D + offs_d[None, :], dq, mask=qmask,
-                              sem="relaxed")
+                tl.atomic_add(DQ_ACC + (bh * Lq + offs_m[:, None]) * D + offs_d[None, :], dq,
+                              mask=mask_m[:, None] & mask_d[None, :], sem="relaxed")
             dk += tl.dot(ds_t, q, input_precision=DOT_PREC)
-    dk = dk * (qk_scale * _LN2)
-    tl.store(DK + b64 * sdkb + hk64 * sdkh + offs_n[:, None] * sdkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=kv_mask)
-    tl.store(DV + b64 * sdvb + hk64 * sdvh + offs_n[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=kv_mask)
+    store_tile(DK, b64, hk64, offs_n, mask_n, offs_d, mask_d, dk * (qk_scale * _LN2))
+    store_tile(DV, b64, hk64, offs_n, mask_n, offs_d, mask_d, dv)
 
 
 @triton.jit
 def _gated_attn_bwd_dq_kernel(
     Q, K, V, PK, PV, G, DO, KPM, LSE_M, LSE_P, DELTA_M, DELTA_P, DQ, DQ_ACC,
-    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, spkb, spkh, spkn, spvb, spvh, spvn, sdb, sdh, sdm,
-    sdqb, sdqh, sdqm,
     H, GROUP, Lq, Lk, P, D, qk_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -476,27 +439,24 @@ def _gated_attn_bwd_dq_kernel(
     pid_bh = tl.program_id(1)
     b, b64, h64, hk64, start_m, offs_m, offs_d, mask_m, mask_d = _query_tile(_heavy_first(CAUSAL), pid_bh, H, GROUP,
                                                                              Lq, D, BLOCK_M, BLOCK_D)
-    qmask = mask_m[:, None] & mask_d[None, :]
-    dtype = Q.dtype.element_ty
-    q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=qmask, other=0.0)
-    do = tl.load(DO + b64 * sdb + h64 * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=qmask, other=0.0)
+    dtype = Q.ptr.dtype.element_ty
+    q = load_tile(Q, b64, h64, offs_m, mask_m, offs_d, mask_d)
+    do = load_tile(DO, b64, h64, offs_m, mask_m, offs_d, mask_d)
     row = pid_bh.to(tl.int64) * Lq + offs_m
 
     if MAIN_FROM_ACC:
-        dq = tl.load(DQ_ACC + row[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
+        dq = tl.load(DQ_ACC + row[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     else:
         lse = tl.load(LSE_M + row, mask=mask_m, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         delta = tl.load(DELTA_M + row, mask=mask_m, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        k_base = K + b64 * skb + hk64 * skh
-        v_base = V + b64 * svb + hk64 * svh
         hi = _causal_hi(start_m, Lq, Lk, BLOCK_M, CAUSAL)
         for n0 in range(0, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            kv_mask = (offs_n < Lk)[:, None] & mask_d[None, :]
-            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+            mask_n = offs_n < Lk
+            k = load_tile(K, b64, hk64, offs_n, mask_n, offs_d, mask_d)
+            v = load_tile(V, b64, hk64, offs_n, mask_n, offs_d, mask_d)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
             p = tl.exp2(s - (lse * _LOG2E)[:, None])
             p = tl.where(_main_mask(offs_m, offs_n, b, Lq, Lk, KPM, CAUSAL, HAS_KPM), p, 0.0)
@@ -508,20 +468,15 @@ def _gated_attn_bwd_dq_kernel(
     g = tl.load(G + h64).to(tl.float32)
     lse_p = tl.load(LSE_P + row, mask=mask_m, other=0.0)
     delta_p = tl.load(DELTA_P + row, mask=mask_m, other=0.0)
-    pk_base = PK + b64 * spkb + hk64 * spkh
-    pv_base = PV + b64 * spvb + hk64 * spvh
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < P
-        pp, pk = _prefix_probs(q, pk_base, spkn, offs_p, offs_d, mask_p, mask_d, lse_p, qk_scale, DOT_PREC)
-        pv = tl.load(pv_base + offs_p[:, None] * spvn + offs_d[None, :], mask=mask_p[:, None] & mask_d[None, :],
-                     other=0.0)
+        pp, pk = _prefix_probs(q, PK, b64, hk64, offs_p, offs_d, mask_p, mask_d, lse_p, qk_scale, DOT_PREC)
+        pv = load_tile(PV, b64, hk64, offs_p, mask_p, offs_d, mask_d)
         dpp = tl.dot(do, tl.trans(pv), input_precision=DOT_PREC) * g
         dsp = pp * (dpp - delta_p[:, None])
         dq += tl.dot(dsp.to(dtype), pk, input_precision=DOT_PREC)
-    dq = dq * (qk_scale * _LN2)
-    tl.store(DQ + b64 * sdqb + h64 * sdqh + offs_m[:, None] * sdqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=qmask)
+    store_tile(DQ, b64, h64, offs_m, mask_m, offs_d, mask_d, dq * (qk_scale * _LN2))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -531,11 +486,6 @@ def _gated_attn_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------------
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _s4(t: torch.Tensor, broadcast_batch: bool = False):
-    """(batch, head, row) strides; batch stride 0 for a (1, ...) tensor broadcast over the batch."""
-    return (0 if broadcast_batch else t.stride(0)), t.stride(1), t.stride(2)
 
 
 def _kpm_arg(kpm, dummy):
@@ -714,13 +664,13 @@ def gated_attention_forward(q, k, v, pk, pv, g, causal, scale, kpm):
     block_d, block_p = pow2_at_least(D), _prefix_block(P)
     qk_scale = scale * math.log2(math.e)
     prec = dot_precision(q.dtype)
+    Q, K, V, PK, PV, OUT = strided(q), strided(k), strided(v), strided(pk, shared), strided(pv, shared), strided(out)
     splits = decode_splits(B * heads, rows, Lk, block_m, block_n, q.device)
     if splits == 1:
         def launch(cfg):
             bm, bn, w, st = cfg
             _gated_attn_fwd_kernel[(triton.cdiv(rows, bm), B * heads)](
-                q, k, v, pk, pv, g, kpm_t, out, lse_m, lse_p,
-                *_s4(q), *_s4(k), *_s4(v), *_s4(pk, shared), *_s4(pv, shared), *_s4(out),
+                Q, K, V, PK, PV, g, kpm_t, OUT, lse_m, lse_p,
                 H, H // Hkv, Lq, Lk, P, D, qk_scale,
                 CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=block_p,
                 BLOCK_D=block_d, DOT_PREC=prec, PACK=pack, num_warps=w, num_stages=st,
@@ -736,15 +686,13 @@ def gated_attention_forward(q, k, v, pk, pv, g, causal, scale, kpm):
     acc_part = empty((splits, B * heads, block_m, block_d), torch.float32, q.device)
     ml_part = empty((splits, B * heads, 2, block_m), torch.float32, q.device)
     _gated_attn_fwd_split_kernel[(splits, B * heads)](
-        q, k, v, kpm_t, acc_part, ml_part,
-        *_s4(q), *_s4(k), *_s4(v),
+        Q, K, V, kpm_t, acc_part, ml_part,
         H, H // Hkv, Lq, Lk, D, keys_per_split, qk_scale,
         CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PREC=prec,
         PACK=pack, num_warps=warps, num_stages=stages,
     )
     _gated_attn_fwd_combine_kernel[(B * heads,)](
-        q, pk, pv, g, acc_part, ml_part, out, lse_m, lse_p,
-        *_s4(q), *_s4(pk, shared), *_s4(pv, shared), *_s4(out),
+        Q, PK, PV, g, acc_part, ml_part, OUT, lse_m, lse_p,
         H, H // Hkv, Lq, P, D, splits, qk_scale,
         BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, DOT_PREC=prec, PACK=pack,
         num_warps=combine_warps(block_m, D), num_stages=1,
@@ -775,6 +723,8 @@ def gated_attention_backward(dout, q, k, v, pk, pv, g, out, lse_m, lse_p, causal
     cfg = bwd_config(D, arch, q.element_size())
     block_d = pow2_at_least(D)
     block_p = _prefix_block(P)
+    Q, K, V, PK, PV = strided(q), strided(k), strided(v), strided(pk, shared), strided(pv, shared)
+    OUT, DOUT, DQ, DK, DV = strided(out), strided(dout), strided(dq), strided(dk), strided(dv)
 
     # pre: Δ's, dg and d prefix partials. Row chunks sized for ~4 programs per SM overall.
     delta_m = empty((B, H, Lq), torch.float32, dev)
@@ -789,8 +739,7 @@ def gated_attention_backward(dout, q, k, v, pk, pv, g, out, lse_m, lse_p, causal
     dpv_part = empty((chunks, B, H, P, D), torch.float32, dev)
     n_ptiles = triton.cdiv(P, block_p)
     _gated_attn_bwd_pre_kernel[(chunks, B * H, n_ptiles)](
-        q, pk, pv, g32, out, dout, lse_p, delta_m, delta_p, dg_part, dpk_part, dpv_part,
-        *_s4(q), *_s4(pk, shared), *_s4(pv, shared), *_s4(out), *_s4(dout),
+        Q, PK, PV, g32, OUT, DOUT, lse_p, delta_m, delta_p, dg_part, dpk_part, dpv_part,
         H, Lq, P, D, rows_per_prog, qk_scale,
         BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d, DOT_PREC=prec, GROUP=group, num_warps=warps,
         num_stages=stages,
@@ -814,8 +763,7 @@ def gated_attention_backward(dout, q, k, v, pk, pv, g, out, lse_m, lse_p, causal
         def launch_dkdv(c):
             bm, bn, w, st = c
             _gated_attn_bwd_dkdv_kernel[(triton.cdiv(Lk, bn), B * Hkv)](
-                q, k, v, dout, kpm_t, lse_m, delta_m, dk, dv, dq_acc,
-                *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
+                Q, K, V, DOUT, kpm_t, lse_m, delta_m, DK, DV, dq_acc,
                 H, Hkv, Lq, Lk, D, qk_scale,
                 GROUP=group, CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
                 DOT_PREC=prec, ATOMIC_DQ=atomic, num_warps=w, num_stages=st,
@@ -826,8 +774,7 @@ def gated_attention_backward(dout, q, k, v, pk, pv, g, out, lse_m, lse_p, causal
     def launch_dq(c):
         bm, bn, w, st = c
         _gated_attn_bwd_dq_kernel[(triton.cdiv(Lq, bm), B * H)](
-            q, k, v, pk, pv, g32, dout, kpm_t, lse_m, lse_p, delta_m, delta_p, dq, dq_acc,
-            *_s4(q), *_s4(k), *_s4(v), *_s4(pk, shared), *_s4(pv, shared), *_s4(dout), *_s4(dq),
+            Q, K, V, PK, PV, g32, DOUT, kpm_t, lse_m, lse_p, delta_m, delta_p, DQ, dq_acc,
             H, group, Lq, Lk, P, D, qk_scale,
             CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=block_p, BLOCK_D=block_d,
             DOT_PREC=prec, MAIN_FROM_ACC=atomic, num_warps=w, num_stages=st,
