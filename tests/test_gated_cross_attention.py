@@ -302,6 +302,8 @@ def _call(t, kw):
 
 @pytest.mark.parametrize("change,kwchange,arg,fragment", [
     (dict(q=torch.randn(2, 4, 5)), {}, "q", "4-d tensor"),
+    (dict(q=torch.randn(2, 4, 5, 0), k=torch.randn(2, 2, 21, 0), v=torch.randn(2, 2, 21, 0)), {}, "q",
+     "head dim D >= 1"),
     (dict(k=torch.randn(2, 3, 21, 16)), {}, "k", "dividing q's 4 heads"),
     (dict(k=torch.randn(2, 2, 21, 8)), {}, "k", "(B, Hkv, Lk, D) = (2, Hkv, Lk, 16)"),
     (dict(v=torch.randn(2, 2, 20, 16)), {}, "v", "k's shape"),
@@ -324,10 +326,20 @@ def test_bad_input_names_the_argument(change, kwchange, arg, fragment):
     assert f"'{arg}'" in str(e.value) and fragment in str(e.value), str(e.value)
 
 
-def test_bad_scale_names_the_argument():
+@pytest.mark.parametrize("scale", [-1.0, float("nan"), float("inf"), 0.0, True, "0.5", torch.tensor(0.5)])
+def test_bad_scale_names_the_argument(scale):
     t, kw = _good()
     with pytest.raises(ValueError, match="'scale' must be None or a positive float"):
-        gated_cross_attention(t["q"], t["k"], t["v"], kw["visibility"], segment_len=7, scale=-1.0)
+        gated_cross_attention(t["q"], t["k"], t["v"], kw["visibility"], segment_len=7, scale=scale)
+
+
+def test_numpy_scale_works():
+    np = pytest.importorskip("numpy")
+    t, kw = _good()
+    expect = gated_cross_attention(t["q"], t["k"], t["v"], kw["visibility"], segment_len=7, scale=0.3)
+    for s in (np.float32(0.3), np.float64(0.3)):
+        got = gated_cross_attention(t["q"], t["k"], t["v"], kw["visibility"], segment_len=7, scale=s)
+        torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-6)
 
 
 @needs_kernels

@@ -68,6 +68,24 @@ def real_number(op: str, arg: str, value, expected: str, *, positive: bool = Fal
     return value
 
 
+def attention_qkv(op: str, q, k, v) -> tuple[int, int, int, int, int, int]:
+    """q (B, H, Lq, D) with D >= 1; k, v (B, Hkv, Lk, D), Hkv dividing H (GQA / MQA); same device and dtype.
+    Returns (B, H, Lq, D, Hkv, Lk)."""
+    tensor(op, "q", q, ndim=4)
+    B, H, Lq, D = q.shape
+    if D == 0:
+        fail(op, "q", "of shape (B, H, Lq, D) with a head dim D >= 1", f"shape {_fmt_shape(q.shape)}")
+    tensor(op, "k", k, ndim=4)
+    Hkv, Lk = k.shape[1], k.shape[2]
+    shape(op, "k", k, (B, None, None, D), f"(B, Hkv, Lk, D) = ({B}, Hkv, Lk, {D})")
+    if Hkv == 0 or H % Hkv != 0:
+        fail(op, "k", f"a head count Hkv dividing q's {H} heads (GQA/MQA)", f"Hkv = {Hkv}")
+    tensor(op, "v", v)
+    shape(op, "v", v, (B, Hkv, Lk, D), f"k's shape ({B}, {Hkv}, {Lk}, {D})")
+    same_device_dtype(op, "q", q, {"k": k, "v": v})
+    return B, H, Lq, D, Hkv, Lk
+
+
 def unit_last(t: torch.Tensor) -> torch.Tensor:
     """``t`` with unit stride along its last dim: itself; a view re-strided to 1 where that dim has size 1 or
     ``t`` has no element (the stride is never used, and .contiguous() keeps such odd strides); otherwise a

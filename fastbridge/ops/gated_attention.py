@@ -104,17 +104,7 @@ _gated_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ------------------------------------------------------------------------------------------ public API
 def _validate(q, k, v, prefix_k, prefix_v, gate, causal, scale, gate_fn, key_padding_mask):
-    V.tensor(OP, "q", q, ndim=4)
-    B, H, Lq, D = q.shape
-    if D == 0:
-        V.fail(OP, "q", "of shape (B, H, Lq, D) with a head dim D >= 1", f"shape {tuple(q.shape)}")
-    V.tensor(OP, "k", k, ndim=4)
-    Hkv, Lk = k.shape[1], k.shape[2]
-    V.shape(OP, "k", k, (B, None, None, D), f"(B, Hkv, Lk, D) = ({B}, Hkv, Lk, {D})")
-    if Hkv == 0 or H % Hkv != 0:
-        V.fail(OP, "k", f"a head count Hkv dividing q's {H} heads (GQA/MQA)", f"Hkv = {Hkv}")
-    V.tensor(OP, "v", v)
-    V.shape(OP, "v", v, (B, Hkv, Lk, D), f"k's shape ({B}, {Hkv}, {Lk}, {D})")
+    B, H, Lq, D, Hkv, Lk = V.attention_qkv(OP, q, k, v)
     V.tensor(OP, "prefix_k", prefix_k, ndim=4)
     Bp, P = prefix_k.shape[0], prefix_k.shape[2]
     if Bp not in (1, B) or tuple(prefix_k.shape[1::2]) != (Hkv, D) or P < 1:
@@ -122,7 +112,7 @@ def _validate(q, k, v, prefix_k, prefix_v, gate, causal, scale, gate_fn, key_pad
                f"shape {tuple(prefix_k.shape)}")
     V.tensor(OP, "prefix_v", prefix_v)
     V.shape(OP, "prefix_v", prefix_v, tuple(prefix_k.shape), f"prefix_k's shape {tuple(prefix_k.shape)}")
-    V.same_device_dtype(OP, "q", q, {"k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v})
+    V.same_device_dtype(OP, "q", q, {"prefix_k": prefix_k, "prefix_v": prefix_v})
     V.tensor(OP, "gate", gate)
     V.scalar_param(OP, "gate", gate, allowed=((), (1,), (H,)))
     V.same_device_dtype(OP, "q", q, {"gate": gate}, dtype=False)

@@ -90,17 +90,9 @@ _gated_cross_attention_op.register_autograd(_backward, setup_context=_setup_cont
 
 # ------------------------------------------------------------------------------------------ public API
 def _validate(q, k, v, visibility, segment_len, gate, gate_fn, scale) -> tuple[int, int, int]:
-    """Checks every argument; returns (H, D, segment_len) with segment_len resolved (Lk without visibility)."""
-    V.tensor(OP, "q", q, ndim=4)
-    B, H, Lq, D = q.shape
-    V.tensor(OP, "k", k, ndim=4)
-    Hkv, Lk = k.shape[1], k.shape[2]
-    V.shape(OP, "k", k, (B, None, None, D), f"(B, Hkv, Lk, D) = ({B}, Hkv, Lk, {D})")
-    if Hkv == 0 or H % Hkv != 0:
-        V.fail(OP, "k", f"a head count Hkv dividing q's {H} heads (GQA/MQA)", f"Hkv = {Hkv}")
-    V.tensor(OP, "v", v)
-    V.shape(OP, "v", v, (B, Hkv, Lk, D), f"k's shape ({B}, {Hkv}, {Lk}, {D})")
-    V.same_device_dtype(OP, "q", q, {"k": k, "v": v})
+    """Checks every argument; returns (H, D, segment_len, scale) with segment_len resolved (Lk without visibility)
+    and scale a float or None."""
+    B, H, Lq, D, Hkv, Lk = V.attention_qkv(OP, q, k, v)
     if visibility is None:
         seg = Lk  # one segment, every key visible; segment_len is ignored
     else:
@@ -128,9 +120,9 @@ def _validate(q, k, v, visibility, segment_len, gate, gate_fn, scale) -> tuple[i
         V.tensor(OP, "gate", gate)
         V.scalar_param(OP, "gate", gate, allowed=((), (1,), (H,)))
         V.same_device_dtype(OP, "q", q, {"gate": gate}, dtype=False)
-    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0):
-        V.fail(OP, "scale", "None or a positive float", repr(scale))
-    return H, D, seg
+    if scale is not None:
+        scale = V.real_number(OP, "scale", scale, "None or a positive float (finite)", positive=True)
+    return H, D, seg, scale
 
 
 def gated_cross_attention(q: Tensor, k: Tensor, v: Tensor, visibility: Optional[Tensor] = None, *,
@@ -149,8 +141,8 @@ def gated_cross_attention(q: Tensor, k: Tensor, v: Tensor, visibility: Optional[
     amp = _autocast.autocast_dtype(q) if isinstance(q, Tensor) else None
     if amp is not None:  # mixed precision: run in the dtype eager PyTorch would use (fastbridge/ops/_autocast.py)
         q, k, v = _autocast.cast(amp, q, k, v)
-    H, D, seg = _validate(q, k, v, visibility, segment_len, gate, gate_fn, scale)
-    s = D ** -0.5 if scale is None else float(scale)
+    H, D, seg, scale = _validate(q, k, v, visibility, segment_len, gate, gate_fn, scale)
+    s = D ** -0.5 if scale is None else scale
     if _backend.select(OP, q.device, _kernel_unavailable(q, (k, v, gate))) == "reference":
         return ref.gated_cross_attention(q, k, v, visibility, segment_len=seg, gate=gate, gate_fn=gate_fn,
                                          scale=s)
