@@ -561,13 +561,28 @@ def _base():
     (lambda q, k, v: (q, k, v, {"attn_mask": torch.ones(2, 5, dtype=torch.long)}), "attn_mask", r"bool key mask"),
     (lambda q, k, v: (q, k, v, {"attn_mask": torch.zeros(2, 3, 4, 6)}), "attn_mask", r"broadcastable to \(B, H, Lq, Lk\) = \(2, 3, 4, 5\)"),
     (lambda q, k, v: (q, k, v, {"dropout_p": 1.0}), "dropout_p", r"a float in \[0, 1\)"),
-    (lambda q, k, v: (q, k, v, {"scale": "x"}), "scale", r"None or a float"),
+    (lambda q, k, v: (q, k, v, {"dropout_p": float("nan")}), "dropout_p", r"a float in \[0, 1\)"),
+    (lambda q, k, v: (q, k, v, {"scale": "x"}), "scale", r"None or a positive float"),
+    (lambda q, k, v: (q, k, v, {"scale": True}), "scale", r"None or a positive float"),
+    (lambda q, k, v: (q, k, v, {"scale": float("nan")}), "scale", r"None or a positive float \(finite\)"),
+    (lambda q, k, v: (q, k, v, {"scale": float("inf")}), "scale", r"None or a positive float \(finite\)"),
+    (lambda q, k, v: (q, k, v, {"scale": 0.0}), "scale", r"None or a positive float"),
+    (lambda q, k, v: (q[..., :0], k[..., :0], v[..., :0], {}), "k", r"head dim D >= 1"),
     (lambda q, k, v: (q.long(), k, v, {}), "q", r"floating tensor"),
 ])
 def test_bad_input_raises_value_error_naming_the_argument(change, arg, match):
     q, k, v, kw = change(*_base())
     with pytest.raises(ValueError, match=rf"fastbridge.ops.qformer_cross_attention: argument '{arg}' must be .*{match}"):
         qformer_cross_attention(q, k, v, **kw)
+
+
+def test_numpy_scale_and_dropout_p_work():
+    np = pytest.importorskip("numpy")
+    q, k, v = _base()
+    expect = qformer_cross_attention(q, k, v, scale=0.3)
+    for s in (np.float32(0.3), np.float64(0.3)):
+        torch.testing.assert_close(qformer_cross_attention(q, k, v, scale=s, dropout_p=np.float64(0.0)), expect,
+                                   rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")

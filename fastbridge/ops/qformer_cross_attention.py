@@ -269,6 +269,8 @@ def _validate(q, k, v, attn_mask, scale, dropout_p, generator):
                f"shape {V._fmt_shape(q.shape)}")
     if Lk < 1:
         V.fail(OP, "k", "of shape (B, H, Lk, D) with at least one key (Lk >= 1)", f"shape {V._fmt_shape(k.shape)}")
+    if D < 1:
+        V.fail(OP, "k", "of shape (B, H, Lk, D) with a head dim D >= 1", f"shape {V._fmt_shape(k.shape)}")
     V.tensor(OP, "v", v, ndim=4)
     V.shape(OP, "v", v, tuple(k.shape), f"(B, H, Lk, D) = {V._fmt_shape(k.shape)} (k's shape)")
     V.same_device_dtype(OP, "q", q, {"k": k, "v": v})
@@ -289,9 +291,10 @@ def _validate(q, k, v, attn_mask, scale, dropout_p, generator):
         else:
             V.fail(OP, "attn_mask", f"a bool key mask (B, Lk) = ({B}, {Lk}) or a float additive mask broadcastable to "
                    f"(B, H, Lq, Lk)", f"dtype {attn_mask.dtype}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        V.fail(OP, "scale", "None or a float", type(scale).__name__)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if scale is not None:
+        scale = V.real_number(OP, "scale", scale, "None or a positive float (finite)", positive=True)
+    dropout_p = V.real_number(OP, "dropout_p", dropout_p, "a float in [0, 1)")
+    if not 0.0 <= dropout_p < 1.0:
         V.fail(OP, "dropout_p", "a float in [0, 1)", repr(dropout_p))
     if generator is not None:
         if not isinstance(generator, torch.Generator):
@@ -299,7 +302,7 @@ def _validate(q, k, v, attn_mask, scale, dropout_p, generator):
         if not _same_device(generator.device, q.device):
             V.fail(OP, "generator", f"None or a torch.Generator on q's device {q.device} (the CPU generator draws "
                    f"for CPU tensors, a CUDA generator for CUDA tensors)", f"a generator on {generator.device}")
-    return B, H, Lq, Lk, D
+    return B, H, Lq, Lk, D, scale, dropout_p
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -331,9 +334,8 @@ def qformer_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optio
     amp = _autocast.autocast_dtype(q) if isinstance(q, Tensor) else None
     if amp is not None:  # mixed precision: run in the dtype eager PyTorch would use (fastbridge/ops/_autocast.py)
         q, k, v = _autocast.cast(amp, q, k, v)
-    B, H, Lq, Lk, D = _validate(q, k, v, attn_mask, scale, dropout_p, generator)
-    scale = D ** -0.5 if scale is None else float(scale)
-    dropout_p = float(dropout_p)
+    B, H, Lq, Lk, D, scale, dropout_p = _validate(q, k, v, attn_mask, scale, dropout_p, generator)
+    scale = D ** -0.5 if scale is None else scale
     if _backend.current_backend() == "reference" or \
             _backend.select(OP, q.device, _kernel_unavailable(q, attn_mask, k, v)) == "reference":
         return ref.qformer_cross_attention(q, k, v, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p,
