@@ -5,7 +5,9 @@
 Triton kernels and launchers only (autograd, validation: fastbridge/ops/gated_attention.py).
 Layouts: q (B, H, Lq, D); k, v (B, Hkv, Lk, D), query head h reads KV head h // (H / Hkv) (GQA/MQA,
 never repeated); prefix pk, pv (Bp, Hkv, P, D) with Bp ∈ {1, B}: a shared prompt is read with batch
-stride 0 (broadcast, never copied). Any strides with a unit last stride.
+stride 0 (broadcast, never copied). Any strides with a unit last stride; each tensor reaches a kernel as one
+Strided argument (pointer + (batch, head, row) strides, kernels/_strided.py) and every tile through load_tile /
+store_tile.
 
 Forward (one kernel, a program per (query tile, b·h)): one pass over the P prefix keys and one over
 the main keys with two online-softmax states (exp2 domain); bottom-right causal mask (query i sees
