@@ -113,3 +113,25 @@ def load_rows(T, offs_m, mask_m, offs_d, mask_d):
 def store_rows(T, offs_m, mask_m, offs_d, mask_d, x):
     """T[offs_m, offs_d] = x in T's element type, where (mask_m, mask_d)."""
     tl.store(row_ptrs(T, offs_m, offs_d), x.to(T.ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def row_base(T, offs_m):
+    """Pointers to T[offs_m, 0] of a row-major matrix, a BLOCK_M x 1 column (offs_m int64): row_ptrs without the
+    columns. A kernel that sweeps one row tile's features in several loops takes it once, ahead of them, and
+    addresses each chunk with load_cols / store_cols. (Left inside the loops, Triton's loop-invariant code motion
+    computes it just before each loop instead; ptxas then allocates registers differently: for the adapter's row
+    kernels up to 20 more on sm_90, and a spill.)"""
+    return T.ptr + offs_m[:, None] * T.strides[0]
+
+
+@triton.jit
+def load_cols(base, mask_m, offs_d, mask_d):
+    """The columns offs_d of a row_base tile, 0 outside (mask_m, mask_d)."""
+    return tl.load(base + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+
+
+@triton.jit
+def store_cols(base, mask_m, offs_d, mask_d, x):
+    """The columns offs_d of a row_base tile = x in its element type, where (mask_m, mask_d)."""
+    tl.store(base + offs_d[None, :], x.to(base.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])

@@ -18,6 +18,11 @@ Backward, two kernels:
           no atomics).
 ds = Σ dy·u = Σ_n a·g + colsum(dy)·b_up, so u is never materialised (and stays right when s = 0,
 e.g. a zero-initialised tanh gate).
+
+Addressing: x, residual, y, dy, dx are Strided row-major matrices (kernels/_strided.py: ``strided_rows``). The
+row-tile kernels take each tile's row_base once, ahead of their loops over d chunks, and load / store the chunks
+with load_cols / store_cols; the weights kernel, whose rows change per chunk, uses load_rows. The weights and the
+(N, r) buffers the launchers allocate (z, act(z), dz) are plain contiguous pointers.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._common import launcher
+from ._strided import load_cols, load_rows, row_base, store_cols, strided_rows
 from ._common import (H100_ARCH, device_arch, dot_precision, empty, pow2_at_least, pre_hopper, sm_count,
                       small_smem)
 
@@ -87,6 +93,14 @@ def _layer_norm_chunk(x, mean, rstd, LNW, LNB, offs_d, mask_d, HAS_LNB: tl.const
 
 
 @triton.jit
+def _r_ptrs(T, offs_m64, offs_r, R):
+    """Pointers to T[offs_m64, offs_r] of a contiguous (N, r) buffer: z, act(z), dz, which the launchers allocate.
+    Plain pointers addressed by R rather than Strided: z, act(z) and dz share one row offset (with a stride each,
+    the rows kernel at r = 128, d = 4096 took 20 more registers on sm_90)."""
+    return T + offs_m64[:, None] * R + offs_r[None, :]
+
+
+@triton.jit
 def _row_tile(N, R, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
     """This program's row offsets (int64, for addressing) and masks, and the bottleneck offsets."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -97,14 +111,14 @@ def _row_tile(N, R, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
 @triton.jit
 def _adapter_fwd_kernel(
     X, RES, Y, WD, BD, WU, BU, LNW, LNB, Z, MEAN, RSTD, S,
-    scale, eps, N, D, R, stride_xm, stride_rm, stride_ym,
+    scale, eps, N, D, R,
     ACT: tl.constexpr, HAS_LN: tl.constexpr, HAS_LNB: tl.constexpr, HAS_BD: tl.constexpr,
     HAS_BU: tl.constexpr, HAS_RES: tl.constexpr, HAS_S: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     offs_m, offs_m64, mask_m, offs_r, mask_r = _row_tile(N, R, BLOCK_M, BLOCK_R)
-    rows_x = X + offs_m64[:, None] * stride_xm
-    dtype = X.dtype.element_ty
+    rows_x = row_base(X, offs_m64)
+    dtype = X.ptr.dtype.element_ty
 
     # Pass A: LayerNorm statistics (Chan's parallel merge of per-chunk mean / M2).
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -114,7 +128,7 @@ def _adapter_fwd_kernel(
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D
-            x = tl.load(rows_x + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            x = load_cols(rows_x, mask_m, offs_d, mask_d).to(tl.float32)
             cnt = tl.minimum(D - d0, BLOCK_D) * 1.0
             c_mean = tl.sum(x, axis=1) / cnt
             c_dev = tl.where(mask_d[None, :], x - c_mean[:, None], 0.0)
@@ -133,7 +147,7 @@ def _adapter_fwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        x = tl.load(rows_x + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        x = load_cols(rows_x, mask_m, offs_d, mask_d)
         if HAS_LN:
             h, _xhat, _w = _layer_norm_chunk(x.to(tl.float32), mean, rstd, LNW, LNB, offs_d, mask_d, HAS_LNB)
             h = h.to(dtype)
@@ -144,61 +158,60 @@ def _adapter_fwd_kernel(
     if HAS_BD:
         acc += tl.load(BD + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
     zmask = mask_m[:, None] & mask_r[None, :]
-    tl.store(Z + offs_m64[:, None] * R + offs_r[None, :], acc.to(Z.dtype.element_ty), mask=zmask)
+    tl.store(_r_ptrs(Z, offs_m64, offs_r, R), acc.to(Z.dtype.element_ty), mask=zmask)
     a = tl.where(mask_r[None, :], _act(acc, ACT), 0.0).to(dtype)
 
     # Pass C: y = res + s * (a @ W_upᵀ + b_up).   W_up is (D, R) row-major.
     s = _scale_value(scale, S, HAS_S)
-    rows_y = Y + offs_m64[:, None] * stride_ym
-    rows_res = RES + offs_m64[:, None] * stride_rm
+    rows_y = row_base(Y, offs_m64)
+    rows_res = row_base(RES, offs_m64)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        mask = mask_m[:, None] & mask_d[None, :]
         wu_t = tl.load(WU + offs_d[None, :] * R + offs_r[:, None], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
         u = tl.dot(a, wu_t, input_precision=DOT_PREC)
         if HAS_BU:
             u += tl.load(BU + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
         if HAS_RES:
-            res = tl.load(rows_res + offs_d[None, :], mask=mask, other=0.0)
+            res = load_cols(rows_res, mask_m, offs_d, mask_d)
         else:
-            res = tl.load(rows_x + offs_d[None, :], mask=mask, other=0.0)
+            res = load_cols(rows_x, mask_m, offs_d, mask_d)
         y = res.to(tl.float32) + s * u
-        tl.store(rows_y + offs_d[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        store_cols(rows_y, mask_m, offs_d, mask_d, y)
 
 
 @triton.jit
 def _adapter_bwd_rows_kernel(
     DY, X, DX, WD, WU, LNW, Z, MEAN, RSTD, S, DZ, A, AG,
-    scale, N, D, R, stride_dym, stride_xm, stride_dxm,
+    scale, N, D, R,
     ACT: tl.constexpr, HAS_LN: tl.constexpr, HAS_RES: tl.constexpr, HAS_S: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     offs_m, offs_m64, mask_m, offs_r, mask_r = _row_tile(N, R, BLOCK_M, BLOCK_R)
-    rows_dy = DY + offs_m64[:, None] * stride_dym
-    rows_x = X + offs_m64[:, None] * stride_xm
-    rows_dx = DX + offs_m64[:, None] * stride_dxm
-    dtype = X.dtype.element_ty
+    rows_dy = row_base(DY, offs_m64)
+    rows_x = row_base(X, offs_m64)
+    rows_dx = row_base(DX, offs_m64)
+    dtype = X.ptr.dtype.element_ty
 
     # g = dy @ W_up   (W_up is (D, R)).
     g = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        dy = tl.load(rows_dy + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        dy = load_cols(rows_dy, mask_m, offs_d, mask_d)
         wu = tl.load(WU + offs_d[:, None] * R + offs_r[None, :], mask=mask_d[:, None] & mask_r[None, :], other=0.0)
         g = tl.dot(dy.to(dtype), wu, g, input_precision=DOT_PREC)
 
     zmask = mask_m[:, None] & mask_r[None, :]
-    z = tl.load(Z + offs_m64[:, None] * R + offs_r[None, :], mask=zmask, other=0.0).to(tl.float32)
+    z = tl.load(_r_ptrs(Z, offs_m64, offs_r, R), mask=zmask, other=0.0).to(tl.float32)
     a = tl.where(zmask, _act(z, ACT), 0.0)
     tl.store(AG + offs_m, tl.sum(a * g, axis=1), mask=mask_m)
     # act(z) for the weights kernel, in the dtype its dot takes (one N x r write instead of an erf / exp per
     # element in each of its D / BLOCK_D programs)
-    tl.store(A + offs_m64[:, None] * R + offs_r[None, :], a.to(A.dtype.element_ty), mask=zmask)
+    tl.store(_r_ptrs(A, offs_m64, offs_r, R), a.to(A.dtype.element_ty), mask=zmask)
     s = _scale_value(scale, S, HAS_S)
     dz = tl.where(zmask, s * g * _act_grad(z, ACT), 0.0)
-    tl.store(DZ + offs_m64[:, None] * R + offs_r[None, :], dz.to(DZ.dtype.element_ty), mask=zmask)
+    tl.store(_r_ptrs(DZ, offs_m64, offs_r, R), dz.to(DZ.dtype.element_ty), mask=zmask)
     dz = dz.to(dtype)
 
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -214,7 +227,7 @@ def _adapter_bwd_rows_kernel(
             mask_d = offs_d < D
             wd = tl.load(WD + offs_r[:, None] * D + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
             dh = tl.dot(dz, wd, input_precision=DOT_PREC)
-            x = tl.load(rows_x + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            x = load_cols(rows_x, mask_m, offs_d, mask_d).to(tl.float32)
             xhat = (x - mean[:, None]) * rstd[:, None]
             w = tl.load(LNW + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             dxhat = dh * w[None, :]
@@ -226,24 +239,23 @@ def _adapter_bwd_rows_kernel(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        mask = mask_m[:, None] & mask_d[None, :]
         wd = tl.load(WD + offs_r[:, None] * D + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
         dx = tl.dot(dz, wd, input_precision=DOT_PREC)
         if HAS_LN:
-            x = tl.load(rows_x + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = load_cols(rows_x, mask_m, offs_d, mask_d).to(tl.float32)
             xhat = (x - mean[:, None]) * rstd[:, None]
             w = tl.load(LNW + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             dx = (dx * w[None, :] - (c1[:, None] + xhat * c2[:, None])) * rstd[:, None]
         if not HAS_RES:  # the residual is x itself
-            dx += tl.load(rows_dy + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(rows_dx + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            dx += load_cols(rows_dy, mask_m, offs_d, mask_d).to(tl.float32)
+        store_cols(rows_dx, mask_m, offs_d, mask_d, dx)
 
 
 @triton.jit
 def _adapter_bwd_weights_kernel(
     DY, X, A, DZ, WD, LNW, LNB, MEAN, RSTD,
     DWU, DWD, DBU, DBD, DLNW, DLNB,
-    N, D, R, stride_dym, stride_xm, rows_per_split,
+    N, D, R, rows_per_split,
     HAS_LN: tl.constexpr, HAS_LNB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -254,7 +266,7 @@ def _adapter_bwd_weights_kernel(
     mask_d = offs_d < D
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
-    dtype = X.dtype.element_ty
+    dtype = X.ptr.dtype.element_ty
     part = pid_s * tl.num_programs(2) + pid_r  # row of the (splits * r-slices, D) LN partial buffers
 
     acc_wu = tl.zeros([BLOCK_D, BLOCK_R], dtype=tl.float32)  # dW_up tile / s  (D, R)
@@ -278,10 +290,10 @@ def _adapter_bwd_weights_kernel(
         offs_n64 = offs_n.to(tl.int64)
         mask = mask_n[:, None] & mask_d[None, :]
         zmask = mask_n[:, None] & mask_r[None, :]
-        dy = tl.load(DY + offs_n64[:, None] * stride_dym + offs_d[None, :], mask=mask, other=0.0)
-        a = tl.load(A + offs_n64[:, None] * R + offs_r[None, :], mask=zmask, other=0.0)  # act(z), rows kernel
-        dz = tl.load(DZ + offs_n64[:, None] * R + offs_r[None, :], mask=zmask, other=0.0)
-        x = tl.load(X + offs_n64[:, None] * stride_xm + offs_d[None, :], mask=mask, other=0.0)
+        dy = load_rows(DY, offs_n64, mask_n, offs_d, mask_d)
+        a = tl.load(_r_ptrs(A, offs_n64, offs_r, R), mask=zmask, other=0.0)  # act(z), rows kernel
+        dz = tl.load(_r_ptrs(DZ, offs_n64, offs_r, R), mask=zmask, other=0.0)
+        x = load_rows(X, offs_n64, mask_n, offs_d, mask_d)
         dy = dy.to(dtype)
         acc_wu = tl.dot(tl.trans(dy), a, acc_wu, input_precision=DOT_PREC)
         if pid_r == 0:
@@ -418,12 +430,11 @@ def adapter_forward(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, acti
     block_m, block_d, warps = _row_config(block_r, D, arch, elem, N, sm_count(dev))
     dummy = x
     _adapter_fwd_kernel[(triton.cdiv(N, block_m),)](
-        x, residual if residual is not None else dummy, y, w_down,
+        strided_rows(x), strided_rows(residual if residual is not None else x), strided_rows(y), w_down,
         b_down if b_down is not None else dummy, w_up, b_up if b_up is not None else dummy,
         ln_weight if has_ln else dummy, ln_bias if ln_bias is not None else dummy,
         z, mean if has_ln else dummy, rstd if has_ln else dummy, s if s is not None else dummy,
-        float(scale), float(eps), N, D, R, x.stride(0),
-        residual.stride(0) if residual is not None else 0, y.stride(0),
+        float(scale), float(eps), N, D, R,
         ACT=ACT_IDS[activation], HAS_LN=has_ln, HAS_LNB=ln_bias is not None, HAS_BD=b_down is not None,
         HAS_BU=b_up is not None, HAS_RES=residual is not None, HAS_S=s is not None,
         BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PREC=dot_precision(x.dtype), num_warps=warps,
@@ -456,9 +467,9 @@ def adapter_backward(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, 
     if N > 0:
         block_m, block_d, warps = _row_config(block_r, D, arch, elem, N, sm_count(dev))
         _adapter_bwd_rows_kernel[(triton.cdiv(N, block_m),)](
-            dy, x, dx, w_down, w_up, ln_weight if has_ln else dummy, z,
-            mean if has_ln else dummy, rstd if has_ln else dummy, s if s is not None else dummy, dz, a, ag,
-            float(scale), N, D, R, dy.stride(0), x.stride(0), dx.stride(0),
+            strided_rows(dy), strided_rows(x), strided_rows(dx), w_down, w_up, ln_weight if has_ln else dummy,
+            z, mean if has_ln else dummy, rstd if has_ln else dummy, s if s is not None else dummy, dz, a, ag,
+            float(scale), N, D, R,
             ACT=act, HAS_LN=has_ln, HAS_RES=has_residual, HAS_S=s is not None,
             BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PREC=prec, num_warps=warps,
             num_stages=stages,
@@ -474,10 +485,11 @@ def adapter_backward(dy, x, w_down, w_up, b_up, ln_weight, ln_bias, activation, 
     p_lw = empty((splits * n_rtiles, D) if has_ln else (0,), f32, dev)
     p_lb = empty((splits * n_rtiles, D) if has_ln else (0,), f32, dev)
     _adapter_bwd_weights_kernel[(n_dtiles, splits, n_rtiles)](
-        dy, x, a, dz, w_down, ln_weight if has_ln else dummy, ln_bias if ln_bias is not None else dummy,
+        strided_rows(dy), strided_rows(x), a, dz, w_down,
+        ln_weight if has_ln else dummy, ln_bias if ln_bias is not None else dummy,
         mean if has_ln else dummy, rstd if has_ln else dummy,
         p_wu, p_wd, p_bu, p_bd, p_lw if has_ln else dummy, p_lb if has_ln else dummy,
-        N, D, R, dy.stride(0), x.stride(0), rows_per_split,
+        N, D, R, rows_per_split,
         HAS_LN=has_ln, HAS_LNB=ln_bias is not None,
         BLOCK_N=block_n, BLOCK_D=block_dw, BLOCK_R=r_tile, DOT_PREC=prec, num_warps=warps_w,
         num_stages=stages,
