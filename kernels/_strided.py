@@ -11,7 +11,9 @@ kernels see the same scalars as before.
 Layouts. Attention tensors are (batch, head, row, feature) with a unit feature stride; ``strided(t)`` carries
 (batch, head, row) strides; ``strided(t, broadcast_batch=True)`` gives batch stride 0 (a prompt shared by the
 batch is read, never copied). Row-major matrices (the adapter's flattened N x d activations) carry one row
-stride: ``strided_rows(t)``, addressed with ``row_ptrs`` / ``load_rows`` / ``store_rows``.
+stride: ``strided_rows(t)``, addressed with ``row_ptrs`` / ``load_rows`` / ``store_rows``, or -- a kernel that
+sweeps one row tile's features in several loops -- ``row_base`` taken once ahead of the loops and
+``load_cols`` / ``store_cols`` per chunk.
 
 The helpers take int64 batch / head indices and int32 row / column offsets: ``T.ptr + b·s_b + h·s_h`` is a
 scalar (int64) base and the per-element offsets stay 32-bit, as the hand-written expressions were.
