@@ -363,8 +363,9 @@ def fwd_config(D: int, Lq: int, arch: int, elem_size: int = 2) -> tuple[int, int
     if block_m == 16 and elem_size == 2:  # decode tile, every arch
         if D > 128:
             block_n = 16
-        elif D > 64:
-            stages = 1
+        elif D > 64:  # 1 stage, 8 warps. 4 warps sit on an edge: ptxas gives 146 registers and no stack on sm_90
+            # or 128 and a 16 B stack, tipped by one debug-line label more in the PTX; 8 warps: 98-128, no stack
+            warps, stages = 8, 1
     elif pre_hopper(arch) and elem_size == 2:
         if arch < 86 and 16 < D <= 32:  # sm_80
             block_n = 32
