@@ -40,6 +40,7 @@ import triton.language as tl
 
 from . import gated_attention as _GA
 from ._common import device_arch, dot_precision, empty, launcher, pow2_at_least, pre_hopper, sm_count, small_smem
+from ._softmax import online_softmax_step
 from ._strided import Strided, head_ptr, load_tile, store_tile, strided
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -86,14 +87,8 @@ def _fwd_pass(q, K, V, b64, hk64, lo, hi, acc, m_i, l_i, vis_base, S, offs_m, ma
             if HAS_VIS:  # vis_base: VIS + b·Lq·S + segment; every key of the segment shares it
                 row_vis = (tl.load(vis_base + offs_m * S, mask=mask_m, other=0) != 0) & mask_m
             s = tl.where(row_vis[:, None] & mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_tile(V, b64, hk64, offs_n, mask_n, offs_d, mask_d, MASKED)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(s, acc, m_i, l_i, V, b64, hk64, offs_n, mask_n, offs_d, mask_d, MASKED,
+                                            DOT_PREC)
     return acc, m_i, l_i
 
 
