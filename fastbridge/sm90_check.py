@@ -426,7 +426,8 @@ def table_configs(arch: int = 90, dtype: str = "bf16") -> list[tuple]:
     ptr, prec = _TABLE_POINTER[dtype], _TABLE_DOT_PREC[dtype]
     out = []
     for name, cfg, fn, sig, consts, warps, stages in sm90_gated_cross_attention.configs(arch, elem_size(dtype)):
-        sig = {k: (ptr if v == "*bf16" else v) for k, v in sig.items()}
+        sig = {k: (ptr if v == "*bf16" else
+                   v._replace(ptr=ptr) if isinstance(v, Strided) and v.ptr == "*bf16" else v) for k, v in sig.items()}
         if "DOT_PREC" in consts and name != "gca_tile_state":
             consts = {**consts, "DOT_PREC": prec}
         out.append((name, cfg, fn, sig, consts, warps, stages))

@@ -1,13 +1,17 @@
 """The gated cross-attention kernels' table for ``python -m fastbridge.sm90_check`` (kernels/gated_cross_attention.py).
 
 Kept apart from sm90_check.py: ``configs`` yields the same (name, config, kernel, signature, constexprs, num_warps,
-num_stages) tuples as sm90_check's own tables, signatures in bf16 (sm90_check swaps the pointer type per --dtype).
+num_stages) tuples as sm90_check's own tables, signatures in bf16 (sm90_check swaps the pointer type per --dtype);
+a tensor argument's type is a Strided of types, as the kernels take it (kernels/_strided.py).
 Compiled with the heaviest constexpr variant the launchers use (visibility and gate on) at each supported head dim,
 for a long prefill, a 64-row tile and decode; backward: pre, dkdv (GQA group of 4), dq.
 """
 from __future__ import annotations
 
+from fastbridge.kernels._strided import Strided
+
 _P, _F = "*bf16", "*fp32"
+_T = Strided(_P, ("i32",) * 3)  # a (batch, head, row, feature) tensor argument (kernels/_strided.py)
 
 
 def _i32(*names):
@@ -15,23 +19,18 @@ def _i32(*names):
 
 
 SIGNATURES = {
-    "fwd": dict(Q=_P, K=_P, V=_P, VIS="*u8", STATE="*i8", G=_F, OUT=_P, LSE=_F,
-                **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som", "H",
-                       "GROUP", "Lq", "D", "S", "SEG", "n_tiles"), qk_scale="fp32"),
+    "fwd": dict(Q=_T, K=_T, V=_T, VIS="*u8", STATE="*i8", G=_F, OUT=_T, LSE=_F,
+                **_i32("H", "GROUP", "Lq", "D", "S", "SEG", "n_tiles"), qk_scale="fp32"),
     "tile_state": dict(VIS="*u8", STATE="*i8", **_i32("Lq", "S", "n_tiles")),
-    "fwd_split": dict(Q=_P, K=_P, V=_P, VIS="*u8", STATE="*i8", ACC_PART=_F, ML_PART=_F,
-                      **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "H", "GROUP", "Lq", "D",
-                             "S", "SEG", "blocks_per_seg", "blocks_per_split"), qk_scale="fp32"),
-    "fwd_combine": dict(G=_F, ACC_PART=_F, ML_PART=_F, OUT=_P, LSE=_F,
-                        **_i32("sob", "soh", "som", "H", "Lq", "D", "n_splits")),
-    "pre": dict(OUT=_P, DO=_P, DELTA=_F, **_i32("sob", "soh", "som", "sdob", "sdoh", "sdom", "H", "Lq", "D")),
-    "dkdv": dict(Q=_P, K=_P, V=_P, DO=_P, VIS="*u8", STATE="*i8", G=_F, LSE=_F, DELTA=_F, DK=_P, DV=_P,
-                 **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sdob", "sdoh", "sdom",
-                        "sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn", "H", "Hkv", "Lq", "D", "S", "SEG",
-                        "blocks_per_seg", "n_tiles"), qk_scale="fp32"),
-    "dq": dict(Q=_P, K=_P, V=_P, DO=_P, VIS="*u8", STATE="*i8", G=_F, LSE=_F, DELTA=_F, DQ=_P, DG_PART=_F,
-               **_i32("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sdob", "sdoh", "sdom",
-                      "sdqb", "sdqh", "sdqm", "H", "GROUP", "Lq", "D", "S", "SEG", "n_tiles"), qk_scale="fp32"),
+    "fwd_split": dict(Q=_T, K=_T, V=_T, VIS="*u8", STATE="*i8", ACC_PART=_F, ML_PART=_F,
+                      **_i32("H", "GROUP", "Lq", "D", "S", "SEG", "blocks_per_seg", "blocks_per_split"),
+                      qk_scale="fp32"),
+    "fwd_combine": dict(G=_F, ACC_PART=_F, ML_PART=_F, OUT=_T, LSE=_F, **_i32("H", "Lq", "D", "n_splits")),
+    "pre": dict(OUT=_T, DO=_T, DELTA=_F, **_i32("H", "Lq", "D")),
+    "dkdv": dict(Q=_T, K=_T, V=_T, DO=_T, VIS="*u8", STATE="*i8", G=_F, LSE=_F, DELTA=_F, DK=_T, DV=_T,
+                 **_i32("H", "Hkv", "Lq", "D", "S", "SEG", "blocks_per_seg", "n_tiles"), qk_scale="fp32"),
+    "dq": dict(Q=_T, K=_T, V=_T, DO=_T, VIS="*u8", STATE="*i8", G=_F, LSE=_F, DELTA=_F, DQ=_T, DG_PART=_F,
+               **_i32("H", "GROUP", "Lq", "D", "S", "SEG", "n_tiles"), qk_scale="fp32"),
 }
 
 

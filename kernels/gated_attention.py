@@ -41,6 +41,7 @@ import triton.language as tl
 
 from . import _autotune
 from ._common import launcher
+from ._softmax import online_softmax_step
 from ._strided import load_tile, store_tile, strided
 from ._common import (H100_ARCH, device_arch, dot_precision, empty, pow2_at_least, pre_hopper, sm_count,
                       small_smem, smem_per_block)
@@ -118,14 +119,8 @@ def _main_pass(q, K, V, b64, hk64, lo, hi, acc, m_m, l_m, offs_m, offs_d, mask_d
         if MASKED:
             vis = _main_mask(offs_m, offs_n, b, Lq, Lk, KPM, CAUSAL, HAS_KPM) & mask_n[None, :]
             s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_m = l_m * alpha + tl.sum(p, 1)
-        v = load_tile(V, b64, hk64, offs_n, mask_n, offs_d, mask_d, MASKED)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_m = m_new
+        acc, m_m, l_m = online_softmax_step(s, acc, m_m, l_m, V, b64, hk64, offs_n, mask_n, offs_d, mask_d, MASKED,
+                                            DOT_PREC)
     return acc, m_m, l_m
 
 

@@ -4,7 +4,8 @@
 
 Triton kernels and launchers only (autograd, validation: fastbridge/ops/gated_cross_attention.py).
 Layouts: q (B, H, Lq, D); k, v (B, Hkv, Lk, D), query head h reads KV head h // (H / Hkv) (GQA/MQA, never
-repeated); any strides with a unit last stride. The Lk keys are S segments of SEG keys (an image tile, an
+repeated); any strides with a unit last stride (a kernel takes each as one Strided argument and addresses its tiles
+with load_tile / store_tile: kernels/_strided.py). The Lk keys are S segments of SEG keys (an image tile, an
 image's perceiver latents); VIS (B, Lq, S) uint8 says which segments each query row sees (HAS_VIS=False:
 one segment, every key visible). No dense Lq x Lk mask exists anywhere.
 
@@ -30,7 +31,6 @@ Backward, FlashAttention-2 style recomputation from lse:
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -40,6 +40,8 @@ import triton.language as tl
 
 from . import gated_attention as _GA
 from ._common import device_arch, dot_precision, empty, launcher, pow2_at_least, pre_hopper, sm_count, small_smem
+from ._softmax import online_softmax_step
+from ._strided import Strided, head_ptr, load_tile, store_tile, strided
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -62,36 +64,31 @@ def _segment_state(STATE, b64, tile, n_tiles, s, S, HAS_VIS: tl.constexpr):
 
 
 @triton.jit
-def _fwd_pass(q, k_base, v_base, skn, svn, lo, hi, acc, m_i, l_i, vis_base, S, offs_m, mask_m, offs_d, mask_d,
-              qk_scale, MASKED: tl.constexpr, HAS_VIS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+def _head(T, b, h):
+    """T[b, h] as a Strided of its own: its pointer at T[b, h, 0, 0], its tiles load_tile(T_h, 0, 0, ...). For tile
+    loads in a branch inside a loop (dq's segment loop): the head's base is computed once, before the loop, where
+    load_tile(T, b, h, ...) would have LLVM rebuild it inside with 64-bit multiplies (sm_80 dq at D = 64: 128
+    registers instead of 107)."""
+    return Strided(head_ptr(T, b, h), T.strides)
+
+
+@triton.jit
+def _fwd_pass(q, K, V, b64, hk64, lo, hi, acc, m_i, l_i, vis_base, S, offs_m, mask_m, offs_d, mask_d, qk_scale,
+              MASKED: tl.constexpr, HAS_VIS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     """Online softmax over keys [lo, hi) of one segment, continuing (acc, m, l). MASKED=False: every row
     sees the segment and the range is whole blocks (no per-element mask at all)."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        if MASKED:
-            mask_n = offs_n < hi
-            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                        other=0.0)
-        else:
-            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+        mask_n = offs_n < hi  # MASKED only (unused, and not computed, otherwise)
+        k = load_tile(K, b64, hk64, offs_n, mask_n, offs_d, mask_d, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if MASKED:
             row_vis = mask_m
             if HAS_VIS:  # vis_base: VIS + b·Lq·S + segment; every key of the segment shares it
                 row_vis = (tl.load(vis_base + offs_m * S, mask=mask_m, other=0) != 0) & mask_m
             s = tl.where(row_vis[:, None] & mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                        other=0.0)
-        else:
-            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=mask_d[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(s, acc, m_i, l_i, V, b64, hk64, offs_n, mask_n, offs_d, mask_d, MASKED,
+                                            DOT_PREC)
     return acc, m_i, l_i
 
 
@@ -108,7 +105,6 @@ def _query_tile(pid_m, pid_bh, H, GROUP, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: 
 @triton.jit
 def _gca_fwd_kernel(
     Q, K, V, VIS, STATE, G, OUT, LSE,
-    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
     H, GROUP, Lq, D, S, SEG, n_tiles, qk_scale,
     HAS_VIS: tl.constexpr, HAS_GATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -116,10 +112,7 @@ def _gca_fwd_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b64, h64, hk64, offs_m, offs_d, mask_m, mask_d = _query_tile(pid_m, pid_bh, H, GROUP, Lq, D, BLOCK_M, BLOCK_D)
-    q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    k_base = K + b64 * skb + hk64 * skh
-    v_base = V + b64 * svb + hk64 * svh
+    q = load_tile(Q, b64, h64, offs_m, mask_m, offs_d, mask_d)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -133,16 +126,15 @@ def _gca_fwd_kernel(
             hi = tl.where(state > 0, hi, lo)
             mid = tl.where(state == 2, mid, lo)
         vis_base = VIS + b64 * Lq * S + s
-        acc, m_i, l_i = _fwd_pass(q, k_base, v_base, skn, svn, lo, mid, acc, m_i, l_i, vis_base, S, offs_m, mask_m,
-                                  offs_d, mask_d, qk_scale, False, HAS_VIS, BLOCK_N, DOT_PREC)
-        acc, m_i, l_i = _fwd_pass(q, k_base, v_base, skn, svn, mid, hi, acc, m_i, l_i, vis_base, S, offs_m, mask_m,
-                                  offs_d, mask_d, qk_scale, True, HAS_VIS, BLOCK_N, DOT_PREC)
+        acc, m_i, l_i = _fwd_pass(q, K, V, b64, hk64, lo, mid, acc, m_i, l_i, vis_base, S, offs_m, mask_m, offs_d,
+                                  mask_d, qk_scale, False, HAS_VIS, BLOCK_N, DOT_PREC)
+        acc, m_i, l_i = _fwd_pass(q, K, V, b64, hk64, mid, hi, acc, m_i, l_i, vis_base, S, offs_m, mask_m, offs_d,
+                                  mask_d, qk_scale, True, HAS_VIS, BLOCK_N, DOT_PREC)
     has_keys = l_i > 0.0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if HAS_GATE:
         o = o * tl.load(G + h64).to(tl.float32)
-    tl.store(OUT + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :], o.to(OUT.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])
+    store_tile(OUT, b64, h64, offs_m, mask_m, offs_d, mask_d, o)
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * _LN2, float("-inf"))
     tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=mask_m)
 
@@ -150,7 +142,6 @@ def _gca_fwd_kernel(
 @triton.jit
 def _gca_fwd_split_kernel(
     Q, K, V, VIS, STATE, ACC_PART, ML_PART,
-    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
     H, GROUP, Lq, D, S, SEG, blocks_per_seg, blocks_per_split,
     qk_scale,
     HAS_VIS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -161,10 +152,7 @@ def _gca_fwd_split_kernel(
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b64, h64, hk64, offs_m, offs_d, mask_m, mask_d = _query_tile(0, pid_bh, H, GROUP, Lq, D, BLOCK_M, BLOCK_D)
-    q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    k_base = K + b64 * skb + hk64 * skh
-    v_base = V + b64 * svb + hk64 * svh
+    q = load_tile(Q, b64, h64, offs_m, mask_m, offs_d, mask_d)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -176,8 +164,8 @@ def _gca_fwd_split_kernel(
         hi = tl.minimum(lo + BLOCK_N, s * SEG + SEG)
         if HAS_VIS:
             hi = tl.where(_segment_state(STATE, b64, 0, 1, s, S, HAS_VIS) > 0, hi, lo)
-        acc, m_i, l_i = _fwd_pass(q, k_base, v_base, skn, svn, lo, hi, acc, m_i, l_i, VIS + b64 * Lq * S + s, S,
-                                  offs_m, mask_m, offs_d, mask_d, qk_scale, True, HAS_VIS, BLOCK_N, DOT_PREC)
+        acc, m_i, l_i = _fwd_pass(q, K, V, b64, hk64, lo, hi, acc, m_i, l_i, VIS + b64 * Lq * S + s, S, offs_m,
+                                  mask_m, offs_d, mask_d, qk_scale, True, HAS_VIS, BLOCK_N, DOT_PREC)
     part = pid_s.to(tl.int64) * tl.num_programs(1) + pid_bh
     tl.store(ACC_PART + (part * BLOCK_M + offs_m[:, None]) * BLOCK_D + offs_d[None, :], acc)
     tl.store(ML_PART + (part * 2) * BLOCK_M + offs_m, m_i)
@@ -186,7 +174,7 @@ def _gca_fwd_split_kernel(
 
 @triton.jit
 def _gca_fwd_combine_kernel(
-    G, ACC_PART, ML_PART, OUT, LSE, sob, soh, som, H, Lq, D, n_splits,
+    G, ACC_PART, ML_PART, OUT, LSE, H, Lq, D, n_splits,
     HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Merge the split partials (log-sum-exp rescaling), gate, write out and lse (DOT_PREC: uniform signature)."""
@@ -215,15 +203,14 @@ def _gca_fwd_combine_kernel(
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if HAS_GATE:
         o = o * tl.load(G + h64).to(tl.float32)
-    tl.store(OUT + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :], o.to(OUT.dtype.element_ty),
-             mask=mask_m[:, None] & (offs_d < D)[None, :])
+    store_tile(OUT, b64, h64, offs_m, mask_m, offs_d, offs_d < D, o)
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * _LN2, float("-inf"))
     tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=mask_m)
 
 
 @triton.jit
 def _gca_bwd_pre_kernel(
-    OUT, DO, DELTA, sob, soh, som, sdob, sdoh, sdom, H, Lq, D,
+    OUT, DO, DELTA, H, Lq, D,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Δ = rowsum(dout · out) in fp32 (no dot: DOT_PREC only keeps the launch signature uniform)."""
@@ -233,16 +220,15 @@ def _gca_bwd_pre_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < Lq
-    mask = mask_m[:, None] & (offs_d < D)[None, :]
-    o = tl.load(OUT + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b64 * sdob + h64 * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=mask, other=0.0)
+    mask_d = offs_d < D
+    o = load_tile(OUT, b64, h64, offs_m, mask_m, offs_d, mask_d)
+    do = load_tile(DO, b64, h64, offs_m, mask_m, offs_d, mask_d)
     tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=mask_m)
 
 
 @triton.jit
 def _gca_bwd_dkdv_kernel(
     Q, K, V, DO, VIS, STATE, G, LSE, DELTA, DK, DV,
-    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
     H, Hkv, Lq, D, S, SEG, blocks_per_seg, n_tiles, qk_scale,
     GROUP: tl.constexpr, HAS_VIS: tl.constexpr, HAS_GATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -257,10 +243,9 @@ def _gca_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = in_seg < SEG
     mask_d = offs_d < D
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-    dtype = Q.dtype.element_ty
-    k = tl.load(K + b64 * skb + hk64 * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * svb + hk64 * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+    dtype = Q.ptr.dtype.element_ty
+    k = load_tile(K, b64, hk64, offs_n, mask_n, offs_d, mask_d)
+    v = load_tile(V, b64, hk64, offs_n, mask_n, offs_d, mask_d)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g_i in range(GROUP):
@@ -273,11 +258,8 @@ def _gca_bwd_dkdv_kernel(
             if _segment_state(STATE, b64, t, n_tiles, s, S, HAS_VIS) > 0:
                 offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
                 mask_m = offs_m < Lq
-                qmask = mask_m[:, None] & mask_d[None, :]
-                q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=qmask,
-                            other=0.0)
-                do = tl.load(DO + b64 * sdob + h64 * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=qmask,
-                             other=0.0)
+                q = load_tile(Q, b64, h64, offs_m, mask_m, offs_d, mask_d)
+                do = load_tile(DO, b64, h64, offs_m, mask_m, offs_d, mask_d)
                 lse = tl.load(LSE + bh * Lq + offs_m, mask=mask_m, other=float("inf"))
                 lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows without keys: P = 0
                 delta = tl.load(DELTA + bh * Lq + offs_m, mask=mask_m, other=0.0)
@@ -292,17 +274,13 @@ def _gca_bwd_dkdv_kernel(
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
                 ds = (p * (dp * g - delta[:, None])).to(dtype)
                 dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PREC)
-    dk = dk * (qk_scale * _LN2)
-    tl.store(DK + b64 * sdkb + hk64 * sdkh + offs_n[:, None] * sdkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=kv_mask)
-    tl.store(DV + b64 * sdvb + hk64 * sdvh + offs_n[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=kv_mask)
+    store_tile(DK, b64, hk64, offs_n, mask_n, offs_d, mask_d, dk * (qk_scale * _LN2))
+    store_tile(DV, b64, hk64, offs_n, mask_n, offs_d, mask_d, dv)
 
 
 @triton.jit
 def _gca_bwd_dq_kernel(
     Q, K, V, DO, VIS, STATE, G, LSE, DELTA, DQ, DG_PART,
-    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
     H, GROUP, Lq, D, S, SEG, n_tiles, qk_scale,
     HAS_VIS: tl.constexpr, HAS_GATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -310,10 +288,9 @@ def _gca_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b64, h64, hk64, offs_m, offs_d, mask_m, mask_d = _query_tile(pid_m, pid_bh, H, GROUP, Lq, D, BLOCK_M, BLOCK_D)
-    qmask = mask_m[:, None] & mask_d[None, :]
-    dtype = Q.dtype.element_ty
-    q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=qmask, other=0.0)
-    do = tl.load(DO + b64 * sdob + h64 * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=qmask, other=0.0)
+    dtype = Q.ptr.dtype.element_ty
+    q = load_tile(Q, b64, h64, offs_m, mask_m, offs_d, mask_d)
+    do = load_tile(DO, b64, h64, offs_m, mask_m, offs_d, mask_d)
     row = pid_bh.to(tl.int64) * Lq + offs_m
     lse = tl.load(LSE + row, mask=mask_m, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
@@ -321,8 +298,7 @@ def _gca_bwd_dq_kernel(
     g = 1.0
     if HAS_GATE:
         g = tl.load(G + h64).to(tl.float32)
-    k_base = K + b64 * skb + hk64 * skh
-    v_base = V + b64 * svb + hk64 * svh
+    K_h, V_h = _head(K, b64, hk64), _head(V, b64, hk64)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dg = tl.zeros([BLOCK_M], tl.float32)
     for s in range(0, S):
@@ -332,9 +308,8 @@ def _gca_bwd_dq_kernel(
             for n0 in range(s * SEG, hi, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 mask_n = offs_n < hi
-                kv_mask = mask_n[:, None] & mask_d[None, :]
-                k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+                k = load_tile(K_h, 0, 0, offs_n, mask_n, offs_d, mask_d)
+                v = load_tile(V_h, 0, 0, offs_n, mask_n, offs_d, mask_d)
                 sc = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
                 p = tl.exp2(sc - (lse * _LOG2E)[:, None])
                 p = tl.where(row_vis[:, None] & mask_n[None, :], p, 0.0)
@@ -343,9 +318,7 @@ def _gca_bwd_dq_kernel(
                     dg += tl.sum(p * dp, 1)
                 ds = p * (dp * g - delta[:, None])
                 dq += tl.dot(ds.to(dtype), k, input_precision=DOT_PREC)
-    dq = dq * (qk_scale * _LN2)
-    tl.store(DQ + b64 * sdqb + h64 * sdqh + offs_m[:, None] * sdqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=qmask)
+    store_tile(DQ, b64, h64, offs_m, mask_m, offs_d, mask_d, dq * (qk_scale * _LN2))
     if HAS_GATE:
         tl.store(DG_PART + pid_m.to(tl.int64) * tl.num_programs(1) + pid_bh, tl.sum(dg, 0))
 
@@ -363,8 +336,9 @@ def fwd_config(D: int, Lq: int, arch: int, elem_size: int = 2) -> tuple[int, int
     if block_m == 16 and elem_size == 2:  # decode tile, every arch
         if D > 128:
             block_n = 16
-        elif D > 64:
-            stages = 1
+        elif D > 64:  # 1 stage, 8 warps. 4 warps sit on an edge: ptxas gives 146 registers and no stack on sm_90
+            # or 128 and a 16 B stack, tipped by one debug-line label more in the PTX; 8 warps: 98-128, no stack
+            warps, stages = 8, 1
     elif pre_hopper(arch) and elem_size == 2:
         if arch < 86 and 16 < D <= 32:  # sm_80
             block_n = 32
@@ -386,15 +360,6 @@ def bwd_config(D: int, arch: int, elem_size: int = 2) -> dict[str, tuple[int, in
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _s3(t: torch.Tensor):
-    """(batch, head, row) strides."""
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def key_block(block_n: int, seg: int) -> int:
@@ -435,7 +400,8 @@ def tile_state(vis: torch.Tensor | None, block_m: int, vis_u8: torch.Tensor | No
                ) -> tuple[torch.Tensor | None, int]:
     """STATE (B, n_tiles, S) int8 for query tiles of block_m rows: 0 = no row sees the segment, 1 = some do,
     2 = all do (rows past Lq count as seeing). One small kernel, O(B·Lq·S) bytes read, never Lq x Lk.
-    Call under the tensors' device guard; vis_u8: vis already as contiguous uint8."""
+    Call under the tensors' device guard (the launchers': kernels/_common.launcher); vis_u8: vis already as
+    contiguous uint8."""
     if vis is None:
         return None, 0
     B, Lq, S = vis.shape
@@ -484,35 +450,33 @@ def gated_cross_attention_forward(q, k, v, vis, seg, g, scale):
     block_d, prec, qk_scale = pow2_at_least(D), dot_precision(q.dtype), scale * math.log2(math.e)
     blocks_per_seg = triton.cdiv(SEG, block_n)
     splits = decode_splits(B * H, Lq, S * blocks_per_seg, block_m, q.device)
-    with _device_guard(q):
-        state, n_tiles = tile_state(vis, block_m, vis_t if has_vis else None)
-        state_t = state if state is not None else q
-        if splits == 1:
-            _gca_fwd_kernel[(triton.cdiv(Lq, block_m), B * H)](
-                q, k, v, vis_t, state_t, g_t, out, lse,
-                *_s3(q), *_s3(k), *_s3(v), *_s3(out),
-                H, H // Hkv, Lq, D, S, SEG, n_tiles, qk_scale,
-                HAS_VIS=has_vis, HAS_GATE=g is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps, num_stages=stages,
-            )
-            return out, lse
-        # Decode: the key blocks split across programs so that B·H·splits programs fill the GPU.
-        blocks_per_split = triton.cdiv(S * blocks_per_seg, splits)
-        splits = triton.cdiv(S * blocks_per_seg, blocks_per_split)
-        acc_part = empty((splits, B * H, block_m, block_d), torch.float32, q.device)
-        ml_part = empty((splits, B * H, 2, block_m), torch.float32, q.device)
-        _gca_fwd_split_kernel[(splits, B * H)](
-            q, k, v, vis_t, state_t, acc_part, ml_part,
-            *_s3(q), *_s3(k), *_s3(v),
-            H, H // Hkv, Lq, D, S, SEG, blocks_per_seg, blocks_per_split, qk_scale,
-            HAS_VIS=has_vis, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PREC=prec,
-            num_warps=warps, num_stages=stages,
+    Q, K, V, OUT = strided(q), strided(k), strided(v), strided(out)
+    state, n_tiles = tile_state(vis, block_m, vis_t if has_vis else None)
+    state_t = state if state is not None else q
+    if splits == 1:
+        _gca_fwd_kernel[(triton.cdiv(Lq, block_m), B * H)](
+            Q, K, V, vis_t, state_t, g_t, OUT, lse,
+            H, H // Hkv, Lq, D, S, SEG, n_tiles, qk_scale,
+            HAS_VIS=has_vis, HAS_GATE=g is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps, num_stages=stages,
         )
-        _gca_fwd_combine_kernel[(B * H,)](
-            g_t, acc_part, ml_part, out, lse, *_s3(out), H, Lq, D, splits,
-            HAS_GATE=g is not None, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec,
-            num_warps=4, num_stages=1,
-        )
+        return out, lse
+    # Decode: the key blocks split across programs so that B·H·splits programs fill the GPU.
+    blocks_per_split = triton.cdiv(S * blocks_per_seg, splits)
+    splits = triton.cdiv(S * blocks_per_seg, blocks_per_split)
+    acc_part = empty((splits, B * H, block_m, block_d), torch.float32, q.device)
+    ml_part = empty((splits, B * H, 2, block_m), torch.float32, q.device)
+    _gca_fwd_split_kernel[(splits, B * H)](
+        Q, K, V, vis_t, state_t, acc_part, ml_part,
+        H, H // Hkv, Lq, D, S, SEG, blocks_per_seg, blocks_per_split, qk_scale,
+        HAS_VIS=has_vis, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PREC=prec,
+        num_warps=warps, num_stages=stages,
+    )
+    _gca_fwd_combine_kernel[(B * H,)](
+        g_t, acc_part, ml_part, OUT, lse, H, Lq, D, splits,
+        HAS_GATE=g is not None, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec,
+        num_warps=4, num_stages=1,
+    )
     return out, lse
 
 
@@ -539,37 +503,37 @@ def gated_cross_attention_backward(dout, q, k, v, vis, seg, g, out, lse, scale):
     has_gate = g is not None
     g_t = g.float().contiguous() if has_gate else q
 
-    with _device_guard(q):
-        delta = empty((B, H, Lq), torch.float32, dev)
-        block_m, _, warps, stages = cfg["pre"]
-        _gca_bwd_pre_kernel[(triton.cdiv(Lq, block_m), B * H)](
-            out, dout, delta, *_s3(out), *_s3(dout), H, Lq, D,
-            BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps, num_stages=1,
-        )
+    Q, K, V, OUT, DOUT = strided(q), strided(k), strided(v), strided(out), strided(dout)
+    DQ, DK, DV = strided(dq), strided(dk), strided(dv)
 
-        block_m, block_n, warps, stages = cfg["dkdv"]
-        block_n = key_block(block_n, SEG)
-        state, n_tiles = tile_state(vis, block_m, vis_t if has_vis else None)
-        blocks_per_seg = triton.cdiv(SEG, block_n)
-        _gca_bwd_dkdv_kernel[(S * blocks_per_seg, B * Hkv)](
-            q, k, v, dout, vis_t, state if state is not None else q, g_t, lse, delta, dk, dv,
-            *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(dk), *_s3(dv),
-            H, Hkv, Lq, D, S, SEG, blocks_per_seg, n_tiles if has_vis else triton.cdiv(Lq, block_m), qk_scale,
-            GROUP=group, HAS_VIS=has_vis, HAS_GATE=has_gate, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            DOT_PREC=prec, num_warps=warps, num_stages=stages,
-        )
+    delta = empty((B, H, Lq), torch.float32, dev)
+    block_m, _, warps, stages = cfg["pre"]
+    _gca_bwd_pre_kernel[(triton.cdiv(Lq, block_m), B * H)](
+        OUT, DOUT, delta, H, Lq, D,
+        BLOCK_M=block_m, BLOCK_D=block_d, DOT_PREC=prec, num_warps=warps, num_stages=1,
+    )
 
-        block_m, block_n, warps, stages = cfg["dq"]
-        block_n = key_block(block_n, SEG)
-        state, n_tiles = tile_state(vis, block_m, vis_t if has_vis else None)
-        q_tiles = triton.cdiv(Lq, block_m)
-        dg_part = empty((q_tiles, B * H), torch.float32, dev) if has_gate else dg_empty
-        _gca_bwd_dq_kernel[(q_tiles, B * H)](
-            q, k, v, dout, vis_t, state if state is not None else q, g_t, lse, delta, dq, dg_part,
-            *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(dq),
-            H, group, Lq, D, S, SEG, n_tiles, qk_scale,
-            HAS_VIS=has_vis, HAS_GATE=has_gate, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            DOT_PREC=prec, num_warps=warps, num_stages=stages,
-        )
+    block_m, block_n, warps, stages = cfg["dkdv"]
+    block_n = key_block(block_n, SEG)
+    state, n_tiles = tile_state(vis, block_m, vis_t if has_vis else None)
+    blocks_per_seg = triton.cdiv(SEG, block_n)
+    _gca_bwd_dkdv_kernel[(S * blocks_per_seg, B * Hkv)](
+        Q, K, V, DOUT, vis_t, state if state is not None else q, g_t, lse, delta, DK, DV,
+        H, Hkv, Lq, D, S, SEG, blocks_per_seg, n_tiles if has_vis else triton.cdiv(Lq, block_m), qk_scale,
+        GROUP=group, HAS_VIS=has_vis, HAS_GATE=has_gate, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_PREC=prec, num_warps=warps, num_stages=stages,
+    )
+
+    block_m, block_n, warps, stages = cfg["dq"]
+    block_n = key_block(block_n, SEG)
+    state, n_tiles = tile_state(vis, block_m, vis_t if has_vis else None)
+    q_tiles = triton.cdiv(Lq, block_m)
+    dg_part = empty((q_tiles, B * H), torch.float32, dev) if has_gate else dg_empty
+    _gca_bwd_dq_kernel[(q_tiles, B * H)](
+        Q, K, V, DOUT, vis_t, state if state is not None else q, g_t, lse, delta, DQ, dg_part,
+        H, group, Lq, D, S, SEG, n_tiles, qk_scale,
+        HAS_VIS=has_vis, HAS_GATE=has_gate, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_PREC=prec, num_warps=warps, num_stages=stages,
+    )
     dg = dg_part.view(q_tiles, B, H).sum((0, 1)).to(g.dtype) if has_gate else dg_empty
     return dq, dk, dv, dg
