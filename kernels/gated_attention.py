@@ -41,7 +41,7 @@ import triton.language as tl
 
 from . import _autotune
 from ._common import launcher
-from ._softmax import online_softmax_step
+from ._softmax import merge_split_partials, online_softmax_step, store_split_partial
 from ._strided import load_tile, store_tile, strided
 from ._common import (H100_ARCH, device_arch, dot_precision, empty, pow2_at_least, pre_hopper, sm_count,
                       small_smem, smem_per_block)
@@ -236,11 +236,7 @@ def _gated_attn_fwd_split_kernel(
     hi = tl.minimum(lo + keys_per_split, _causal_hi(0, Lq, Lk, BLOCK_M, CAUSAL))
     acc, m_m, l_m = _main_attention(q, K, V, b64, hk64, 0, lo, hi, offs_m, offs_d, mask_d, b, Lq, Lk, KPM, qk_scale,
                                     CAUSAL, HAS_KPM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC)
-    part = pid_s.to(tl.int64) * tl.num_programs(1) + pid_bh
-    rows = tl.arange(0, BLOCK_M)  # the tile's rows (offs_m is the query index: PACK repeats it per head)
-    tl.store(ACC_PART + (part * BLOCK_M + rows[:, None]) * BLOCK_D + offs_d[None, :], acc)
-    tl.store(ML_PART + (part * 2) * BLOCK_M + rows, m_m)
-    tl.store(ML_PART + (part * 2 + 1) * BLOCK_M + rows, l_m)
+    store_split_partial(ACC_PART, ML_PART, acc, m_m, l_m, BLOCK_M, BLOCK_D)
 
 
 @triton.jit
@@ -257,22 +253,7 @@ def _gated_attn_fwd_combine_kernel(
     q = load_tile(Q, b64, h64, offs_m, mask_m, offs_d, mask_d, PACK=PACK)
     o_p, m_p, l_p = _prefix_pass(q, PK, PV, b64, hk64, P, offs_d, mask_d, qk_scale, BLOCK_M, BLOCK_P, BLOCK_D,
                                  DOT_PREC)
-    m_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_m = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for s_i in range(0, n_splits):
-        part = pid_bh.to(tl.int64) + s_i * tl.num_programs(0)
-        rows = tl.arange(0, BLOCK_M)
-        m_s = tl.load(ML_PART + (part * 2) * BLOCK_M + rows)
-        l_s = tl.load(ML_PART + (part * 2 + 1) * BLOCK_M + rows)
-        acc_s = tl.load(ACC_PART + (part * BLOCK_M + rows[:, None]) * BLOCK_D + offs_d[None, :])
-        m_new = tl.maximum(m_m, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        a_old = tl.exp2(m_m - m_safe)
-        a_new = tl.exp2(m_s - m_safe)
-        l_m = l_m * a_old + l_s * a_new
-        acc = acc * a_old[:, None] + acc_s * a_new[:, None]
-        m_m = m_new
+    acc, m_m, l_m = merge_split_partials(ACC_PART, ML_PART, n_splits, BLOCK_M, BLOCK_D)
     _fwd_epilogue(acc, m_m, l_m, o_p, m_p, l_p, G, OUT, LSE_M, LSE_P, b64, h64, offs_m, offs_d, mask_m,
                   mask_d, H, Lq, PACK)
 

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from . import gated_attention as _GA
 from ._common import device_arch, dot_precision, empty, launcher, pow2_at_least, pre_hopper, sm_count, small_smem
-from ._softmax import online_softmax_step
+from ._softmax import merge_split_partials, online_softmax_step, store_split_partial
 from ._strided import Strided, head_ptr, load_tile, store_tile, strided
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -166,10 +166,7 @@ def _gca_fwd_split_kernel(
             hi = tl.where(_segment_state(STATE, b64, 0, 1, s, S, HAS_VIS) > 0, hi, lo)
         acc, m_i, l_i = _fwd_pass(q, K, V, b64, hk64, lo, hi, acc, m_i, l_i, VIS + b64 * Lq * S + s, S, offs_m,
                                   mask_m, offs_d, mask_d, qk_scale, True, HAS_VIS, BLOCK_N, DOT_PREC)
-    part = pid_s.to(tl.int64) * tl.num_programs(1) + pid_bh
-    tl.store(ACC_PART + (part * BLOCK_M + offs_m[:, None]) * BLOCK_D + offs_d[None, :], acc)
-    tl.store(ML_PART + (part * 2) * BLOCK_M + offs_m, m_i)
-    tl.store(ML_PART + (part * 2 + 1) * BLOCK_M + offs_m, l_i)
+    store_split_partial(ACC_PART, ML_PART, acc, m_i, l_i, BLOCK_M, BLOCK_D)
 
 
 @triton.jit
@@ -184,21 +181,7 @@ def _gca_fwd_combine_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < Lq
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for s_i in range(0, n_splits):
-        part = pid_bh.to(tl.int64) + s_i * tl.num_programs(0)
-        m_s = tl.load(ML_PART + (part * 2) * BLOCK_M + offs_m)
-        l_s = tl.load(ML_PART + (part * 2 + 1) * BLOCK_M + offs_m)
-        acc_s = tl.load(ACC_PART + (part * BLOCK_M + offs_m[:, None]) * BLOCK_D + offs_d[None, :])
-        m_new = tl.maximum(m_i, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        a_old = tl.exp2(m_i - m_safe)
-        a_new = tl.exp2(m_s - m_safe)
-        l_i = l_i * a_old + l_s * a_new
-        acc = acc * a_old[:, None] + acc_s * a_new[:, None]
-        m_i = m_new
+    acc, m_i, l_i = merge_split_partials(ACC_PART, ML_PART, n_splits, BLOCK_M, BLOCK_D)
     has_keys = l_i > 0.0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if HAS_GATE:
