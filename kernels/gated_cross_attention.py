@@ -312,16 +312,22 @@ def _gca_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------------
 def fwd_config(D: int, Lq: int, arch: int, elem_size: int = 2) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): gated_attention's forward tiles (kernels/gated_attention.py:
-    fwd_config), except where this kernel's segment loop makes ptxas spill (Triton 3.9, 2-byte inputs; python -m
-    fastbridge.sm90_check --arch all): the decode tile at D > 64 on every arch, and a few entries before Hopper.
-    Those get the neighbour that compiles without a stack frame. fp32 keeps gated_attention's (spills allowed)."""
+    fwd_config), except where this kernel's segment loop makes ptxas spill (2-byte inputs; python -m
+    fastbridge.sm90_check --arch all, with Triton 3.9 and with 3.6, the GPU image's): the decode tile at D > 32 on
+    every arch, and a few entries before Hopper. Those get the neighbour that compiles without a stack frame.
+    fp32 keeps gated_attention's (spills allowed)."""
     block_m, block_n, warps, stages = _GA.fwd_config(D, Lq, arch, elem_size)
     if block_m == 16 and elem_size == 2:  # decode tile, every arch
+        # The decode forward / split kernels sit on ptxas's edges here: gated_attention's (64 keys, 4 warps, 2
+        # stages) leaves an 8-16 B stack with Triton 3.6 (D = 64: sm_89 / sm_90) or 3.9 (D = 128: sm_90, tipped
+        # by one debug-line label more in the PTX). The entries below compile without stack on sm_80 / 89 / 90
+        # with both (the candidates' grid: benchmarks/notes/gated_cross_attention.md, decode).
         if D > 128:
             block_n = 16
-        elif D > 64:  # 1 stage, 8 warps. 4 warps sit on an edge: ptxas gives 146 registers and no stack on sm_90
-            # or 128 and a 16 B stack, tipped by one debug-line label more in the PTX; 8 warps: 98-128, no stack
-            warps, stages = 8, 1
+        elif D > 64:  # 32 keys, 8 warps, 1 stage
+            block_n, warps, stages = 32, 8, 1
+        elif D > 32:  # 1 stage
+            stages = 1
     elif pre_hopper(arch) and elem_size == 2:
         if arch < 86 and 16 < D <= 32:  # sm_80
             block_n = 32
