@@ -77,6 +77,16 @@ def _masked_softmax(scores: torch.Tensor, visible: torch.Tensor | None) -> torch
     return p / torch.where(empty, torch.ones_like(denom), denom)
 
 
+def _attention_inputs(q, k, v, scale):
+    """The attention references' common start: the compute dtype, the scale (default D**-0.5), and q, k, v in
+    that dtype with each KV head repeated for its GQA group of query heads."""
+    cdt = compute_dtype(q.dtype)
+    rep = q.shape[1] // k.shape[1]
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    kc, vc = (t.to(cdt).repeat_interleave(rep, dim=1) for t in (k, v))
+    return cdt, s, q.to(cdt), kc, vc
+
+
 def gated_attention(q, k, v, prefix_k, prefix_v, gate, *, causal=True, scale=None, gate_fn="tanh",
                     key_padding_mask=None):
     """out = softmax(q kᵀ·s + mask) v + g · softmax(q prefix_kᵀ·s) prefix_v  (two separate softmaxes).
@@ -86,13 +96,9 @@ def gated_attention(q, k, v, prefix_k, prefix_v, gate, *, causal=True, scale=Non
     visible. A query with no visible main key (Lk = 0 included) gets 0 from the main branch.
     """
     B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    rep = H // Hkv
-    cdt = compute_dtype(q.dtype)
-    s = D ** -0.5 if scale is None else scale
-    qc = q.to(cdt)
-    kc, vc = (t.to(cdt).repeat_interleave(rep, dim=1) for t in (k, v))
-    pk, pv = (t.to(cdt).expand(B, -1, -1, -1).repeat_interleave(rep, dim=1) for t in (prefix_k, prefix_v))
+    Lk = k.shape[2]
+    cdt, s, qc, kc, vc = _attention_inputs(q, k, v, scale)
+    pk, pv = (t.to(cdt).expand(B, -1, -1, -1).repeat_interleave(H // k.shape[1], dim=1) for t in (prefix_k, prefix_v))
 
     visible = None
     if causal:
@@ -151,12 +157,8 @@ def gated_cross_attention(q, k, v, visibility=None, *, segment_len=None, gate=No
     gate itself per head (1 without a gate). Builds the dense Lq x Lk mask: this is the reference.
     """
     B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    rep = H // Hkv
-    cdt = compute_dtype(q.dtype)
-    s = D ** -0.5 if scale is None else scale
-    qc = q.to(cdt)
-    kc, vc = (t.to(cdt).repeat_interleave(rep, dim=1) for t in (k, v))
+    Lk = k.shape[2]
+    cdt, s, qc, kc, vc = _attention_inputs(q, k, v, scale)
     visible = None
     if visibility is not None:
         seg = Lk // max(visibility.shape[-1], 1) if segment_len is None else segment_len
