@@ -95,7 +95,7 @@ def gated_attention(q, k, v, prefix_k, prefix_v, gate, *, causal=True, scale=Non
     Causal masking is bottom-right aligned (query i sees keys j <= i + Lk - Lq); prefix keys are always
     visible. A query with no visible main key (Lk = 0 included) gets 0 from the main branch.
     """
-    B, H, Lq, D = q.shape
+    B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     cdt, s, qc, kc, vc = _attention_inputs(q, k, v, scale)
     pk, pv = (t.to(cdt).expand(B, -1, -1, -1).repeat_interleave(H // k.shape[1], dim=1) for t in (prefix_k, prefix_v))
