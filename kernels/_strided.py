@@ -66,6 +66,15 @@ def head_ptr(T, b, h):
 
 
 @triton.jit
+def head_view(T, b, h):
+    """T[b, h] as a Strided of its own: pointer at T[b, h, 0, 0], same strides; its tiles are
+    load_tile(T_h, 0, 0, ...). For tile loads in a branch inside a loop (gated cross-attention's dq segment
+    loop): the head's base is computed once, ahead of the loop, where load_tile(T, b, h, ...) would have LLVM
+    rebuild it inside with 64-bit multiplies (sm_80 dq at D = 64: 128 registers instead of 107)."""
+    return Strided(head_ptr(T, b, h), T.strides)
+
+
+@triton.jit
 def tile_ptrs(T, b, h, offs_r, offs_d, PACK: tl.constexpr = False):
     """Pointers to T[b, h, offs_r, offs_d] (a BLOCK_R x BLOCK_D tile). PACK (pack-GQA decode tiles): h is per row,
     a vector like offs_r, and the head offset joins the row offsets."""

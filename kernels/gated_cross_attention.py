@@ -41,7 +41,7 @@ import triton.language as tl
 from . import gated_attention as _GA
 from ._common import device_arch, dot_precision, empty, launcher, pow2_at_least, pre_hopper, sm_count, small_smem
 from ._softmax import merge_split_partials, online_softmax_step, store_split_partial
-from ._strided import Strided, head_ptr, load_tile, store_tile, strided
+from ._strided import head_view, load_tile, store_tile, strided
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -61,15 +61,6 @@ def _segment_state(STATE, b64, tile, n_tiles, s, S, HAS_VIS: tl.constexpr):
     if HAS_VIS:
         return tl.load(STATE + (b64 * n_tiles + tile) * S + s).to(tl.int32)
     return 2
-
-
-@triton.jit
-def _head(T, b, h):
-    """T[b, h] as a Strided of its own: its pointer at T[b, h, 0, 0], its tiles load_tile(T_h, 0, 0, ...). For tile
-    loads in a branch inside a loop (dq's segment loop): the head's base is computed once, before the loop, where
-    load_tile(T, b, h, ...) would have LLVM rebuild it inside with 64-bit multiplies (sm_80 dq at D = 64: 128
-    registers instead of 107)."""
-    return Strided(head_ptr(T, b, h), T.strides)
 
 
 @triton.jit
@@ -281,7 +272,7 @@ def _gca_bwd_dq_kernel(
     g = 1.0
     if HAS_GATE:
         g = tl.load(G + h64).to(tl.float32)
-    K_h, V_h = _head(K, b64, hk64), _head(V, b64, hk64)
+    K_h, V_h = head_view(K, b64, hk64), head_view(V, b64, hk64)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dg = tl.zeros([BLOCK_M], tl.float32)
     for s in range(0, S):
