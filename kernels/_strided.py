@@ -9,9 +9,10 @@ passes NamedTuples of tensors and integers as kernel arguments, specialises thei
 kernels see the same scalars as before.
 
 Layouts. Attention tensors are (batch, head, row, feature) with a unit feature stride; ``strided(t)`` carries
-(batch, head, row) strides; ``strided(t, broadcast_batch=True)`` gives batch stride 0 (a prompt shared by the
-batch is read, never copied). Row-major matrices (the adapter's flattened N x d activations) carry one row
-stride: ``strided_rows(t)``, addressed with ``row_ptrs`` / ``load_rows`` / ``store_rows``, or -- a kernel that
+(batch, head, row) strides (``unit_last(t)`` first: a copy only when the last stride is not 1);
+``strided(t, broadcast_batch=True)`` gives batch stride 0 (a prompt shared by the batch is read, never copied);
+``head_view(T, b, h)`` is one head's own Strided, its base taken once ahead of a loop. Row-major matrices
+(the adapter's flattened N x d activations) carry one row stride: ``strided_rows(t)``, addressed with ``row_ptrs`` / ``load_rows`` / ``store_rows``, or -- a kernel that
 sweeps one row tile's features in several loops -- ``row_base`` taken once ahead of the loops and
 ``load_cols`` / ``store_cols`` per chunk.
 
@@ -34,7 +35,12 @@ class Strided(NamedTuple):
     strides: tuple
 
 
-def _unit_last(t: torch.Tensor, arg: str) -> None:
+def unit_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last stride is 1, else a contiguous copy: what a launcher passes to strided()."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_unit_last(t: torch.Tensor, arg: str) -> None:
     if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"fastbridge kernels: {arg} needs a unit last stride, got strides {tuple(t.stride())} "
                          f"for shape {tuple(t.shape)} (the launchers make such inputs contiguous first)")
@@ -46,7 +52,7 @@ def strided(t: torch.Tensor, broadcast_batch: bool = False) -> Strided:
     if t.dim() != 4:
         raise ValueError(f"fastbridge kernels: strided() takes a (batch, head, row, feature) tensor, got shape "
                          f"{tuple(t.shape)}")
-    _unit_last(t, "strided()")
+    _check_unit_last(t, "strided()")
     return Strided(t, (0 if broadcast_batch else t.stride(0), t.stride(1), t.stride(2)))
 
 
@@ -55,7 +61,7 @@ def strided_rows(t: torch.Tensor) -> Strided:
     if t.dim() != 2:
         raise ValueError(f"fastbridge kernels: strided_rows() takes a (rows, features) matrix, got shape "
                          f"{tuple(t.shape)}")
-    _unit_last(t, "strided_rows()")
+    _check_unit_last(t, "strided_rows()")
     return Strided(t, (t.stride(0),))
 
 

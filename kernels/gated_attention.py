@@ -42,7 +42,7 @@ import triton.language as tl
 from . import _autotune
 from ._common import launcher
 from ._softmax import merge_split_partials, online_softmax_step, store_split_partial
-from ._strided import load_tile, store_tile, strided
+from ._strided import load_tile, store_tile, strided, unit_last
 from ._common import (H100_ARCH, device_arch, dot_precision, empty, pow2_at_least, pre_hopper, sm_count,
                       small_smem, smem_per_block)
 
@@ -462,10 +462,6 @@ def _gated_attn_bwd_dq_kernel(
 # for sm_90 and later, own ones where those spill on sm_80 / sm_86 / sm_89. All compile without spills
 # and within the arch's shared memory (python -m fastbridge.sm90_check --arch all).
 # --------------------------------------------------------------------------------------------------
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _kpm_arg(kpm, dummy):
     return (kpm.contiguous().view(torch.uint8), True) if kpm is not None else (dummy, False)
 
@@ -624,7 +620,7 @@ def _prefix_block(P: int) -> int:
 def gated_attention_forward(q, k, v, pk, pv, g, causal, scale, kpm):
     B, H, Lq, D = q.shape
     Hkv, Lk, P = k.shape[1], k.shape[2], pk.shape[2]
-    q, k, v, pk, pv = (_unit_last(t) for t in (q, k, v, pk, pv))
+    q, k, v, pk, pv = (unit_last(t) for t in (q, k, v, pk, pv))
     out = empty((B, H, Lq, D), q.dtype, q.device)
     lse_m = empty((B, H, Lq), torch.float32, q.device)
     lse_p = empty((B, H, Lq), torch.float32, q.device)
@@ -684,7 +680,7 @@ def gated_attention_backward(dout, q, k, v, pk, pv, g, out, lse_m, lse_p, causal
     Hkv, Lk, P = k.shape[1], k.shape[2], pk.shape[2]
     Bp = pk.shape[0]
     dev = q.device
-    q, k, v, pk, pv, out, dout = (_unit_last(t) for t in (q, k, v, pk, pv, out, dout))
+    q, k, v, pk, pv, out, dout = (unit_last(t) for t in (q, k, v, pk, pv, out, dout))
     g32 = g.float().contiguous()
     group = H // Hkv
     dq = empty(q.shape, q.dtype, dev)

@@ -41,7 +41,7 @@ import triton.language as tl
 from . import gated_attention as _GA
 from ._common import device_arch, dot_precision, empty, launcher, pow2_at_least, pre_hopper, sm_count, small_smem
 from ._softmax import merge_split_partials, online_softmax_step, store_split_partial
-from ._strided import head_view, load_tile, store_tile, strided
+from ._strided import head_view, load_tile, store_tile, strided, unit_last
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -338,10 +338,6 @@ def bwd_config(D: int, arch: int, elem_size: int = 2) -> dict[str, tuple[int, in
     return cfg
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def key_block(block_n: int, seg: int) -> int:
     """Keys per block: the configuration's, shrunk to the segment (at least 16, tl.dot's minimum) so that a
     short segment (a few perceiver latents) does not pay for a whole 64-key block."""
@@ -417,7 +413,7 @@ def decode_splits(programs: int, Lq: int, n_blocks: int, block_m: int, device) -
 def gated_cross_attention_forward(q, k, v, vis, seg, g, scale):
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    q, k, v = (_unit_last(t) for t in (q, k, v))
+    q, k, v = (unit_last(t) for t in (q, k, v))
     out = empty((B, H, Lq, D), q.dtype, q.device)
     lse = empty((B, H, Lq), torch.float32, q.device)
     if out.numel() == 0:
@@ -465,7 +461,7 @@ def gated_cross_attention_backward(dout, q, k, v, vis, seg, g, out, lse, scale):
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     dev = q.device
-    q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
+    q, k, v, out, dout = (unit_last(t) for t in (q, k, v, out, dout))
     group = H // Hkv
     dq = empty(q.shape, q.dtype, dev)
     dk = empty(k.shape, k.dtype, dev)
