@@ -12,9 +12,9 @@ Layouts. Attention tensors are (batch, head, row, feature) with a unit feature s
 (batch, head, row) strides (``unit_last(t)`` first: a copy only when the last stride is not 1);
 ``strided(t, broadcast_batch=True)`` gives batch stride 0 (a prompt shared by the batch is read, never copied);
 ``head_view(T, b, h)`` is one head's own Strided, its base taken once ahead of a loop. Row-major matrices
-(the adapter's flattened N x d activations) carry one row stride: ``strided_rows(t)``, addressed with ``row_ptrs`` / ``load_rows`` / ``store_rows``, or -- a kernel that
-sweeps one row tile's features in several loops -- ``row_base`` taken once ahead of the loops and
-``load_cols`` / ``store_cols`` per chunk.
+(the adapter's flattened N x d activations) carry one row stride: ``strided_rows(t)``, addressed with
+``row_ptrs`` / ``load_rows`` / ``store_rows``, or -- a kernel that sweeps one row tile's features in several
+loops -- ``row_base`` taken once ahead of the loops and ``load_cols`` / ``store_cols`` per chunk.
 
 The helpers take int64 batch / head indices and int32 row / column offsets: ``T.ptr + b·s_b + h·s_h`` is a
 scalar (int64) base and the per-element offsets stay 32-bit, as the hand-written expressions were.
