@@ -81,12 +81,10 @@ class Resources:
 
 
 def _aligned_paths(name: str, ty, path: tuple) -> list[tuple]:
-    """Argument paths (Triton's attrs keys; a tuple argument's leaves are (arg, field, ...)) that compile_kernel
-    marks 16-divisible: pointers, the strides of a Strided argument, D and R."""
+    """Argument paths (Triton's attrs keys; a Strided argument's leaves are (arg, field[, stride])) that
+    compile_kernel marks 16-divisible: pointers, the strides of a Strided argument, D and R."""
     if isinstance(ty, Strided):
         return [path + (0,)] + [path + (1, j) for j in range(len(ty.strides))]
-    if isinstance(ty, tuple):
-        return [p for i, leaf in enumerate(ty) for p in _aligned_paths(name, leaf, path + (i,))]
     return [path] if ty.startswith("*") or name in ("D", "R") else []
 
 
